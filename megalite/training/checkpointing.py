@@ -1,0 +1,296 @@
+"""Checkpoints that resume exactly and survive a crash mid-save.
+
+On disk (``DIR`` = --save / --load)::
+
+    DIR/latest_checkpointed_iteration.txt      "20": the newest COMPLETE checkpoint, written last
+    DIR/iter_0000020/meta.json                 iteration, consumed samples, layout, the arguments
+                                               that shape the model, LR schedule, format version
+    DIR/iter_0000020/mp_rank_TT_PPP/model.pt   this (TP, PP) shard: {"chunk0": state_dict, ...}
+    DIR/iter_0000020/mp_rank_TT_PPP/optim_dpDDD.pt   optimizer state of DP rank DDD (every DP
+                                               rank under ZeRO; only DP rank 0 otherwise)
+    DIR/iter_0000020/mp_rank_TT_PPP/rng_dpDDD.pt     RNG states of that rank
+
+Every rank writes into ``iter_0000020.tmp``; the ranks agree (all-gather of each rank's error,
+if any) that every file is on disk and fsynced; rank 0 then renames the folder and, last,
+replaces the tracker file through a temporary name. A crash or a full disk at any point leaves
+the previous checkpoint and the tracker that names it untouched.
+
+Files hold only tensors and plain Python values and are read with
+``torch.load(weights_only=True)``: a checkpoint is data, never code. A file that holds a pickled
+object is refused with its name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+
+# Arguments that shape the model or its sharding: a resume must agree on all of them.
+MODEL_SHAPE_ARGS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "padded_vocab_size",
+    "max_position_embeddings",
+    "normalization",
+    "swiglu",
+    "position_embedding_type",
+    "untie_embeddings_and_output_weights",
+    "disable_bias_linear",
+)
+LAYOUT_ARGS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or must not be loaded; says which and why."""
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def shard_dir(iter_dir: Path, tp_rank: int, pp_rank: int) -> Path:
+    return iter_dir / f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def read_tracker(root: str | os.PathLike) -> Optional[int]:
+    """The newest complete iteration in `root`, or None when there is no checkpoint."""
+    path = Path(root) / TRACKER
+    if not path.exists():
+        return None
+    text = path.read_text().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
+
+
+# --- RNG ---------------------------------------------------------------------------------------
+def get_rng_state(tracker_states: Optional[dict] = None) -> dict:
+    """Every RNG this rank uses, as tensors and plain values (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "tracker": tracker_states or {},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> Optional[dict]:
+    """Restore what `get_rng_state` captured; returns the TP tracker's states for the caller."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+         n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return state.get("tracker")
+
+
+# --- low-level safe IO ------------------------------------------------------------------------
+def _save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def safe_load(path: Path) -> Any:
+    """torch.load with weights_only=True, errors naming the file."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError and friends: never fall back to full unpickling
+        raise CheckpointError(
+            f"refusing to load {path}: it is not plain tensors/values "
+            f"(torch.load(weights_only=True) said: {str(e).splitlines()[0]})"
+        ) from None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _agree(error: Optional[str]) -> list[tuple[int, str]]:
+    """All-gather each rank's error (None when fine): every rank learns who failed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [(0, error)] if error else []
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, error)
+    return [(r, e) for r, e in enumerate(everyone) if e]
+
+
+# --- save --------------------------------------------------------------------------------------
+def save_checkpoint(
+    root: str | os.PathLike,
+    iteration: int,
+    *,
+    coords: dict[str, int],
+    model_state: Callable[[], dict],
+    optimizer_state: Optional[Callable[[], dict]],
+    optimizer_sharded: bool,
+    rng_state: dict,
+    meta: dict,
+) -> Path:
+    """Write iteration `iteration` collectively from every rank; returns its folder.
+
+    `coords` is this rank's {"tp", "pp", "dp"}; `model_state()` / `optimizer_state()` are called
+    only on the ranks that write them (DP rank 0 for the model; every DP rank when
+    `optimizer_sharded`). `meta` (JSON-able) is written by global rank 0.
+    """
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    error = None
+    if rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left over by a crash: never complete, never referenced
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+    failures = _agree(error)
+    if not failures:
+        error = None
+        try:
+            shard = shard_dir(tmp, coords["tp"], coords["pp"])
+            shard.mkdir(parents=True, exist_ok=True)
+            dp = coords["dp"]
+            if dp == 0:
+                _save(model_state(), shard / "model.pt")
+            if optimizer_state is not None and (optimizer_sharded or dp == 0):
+                _save(optimizer_state(), shard / f"optim_dp{dp:03d}.pt")
+            _save(rng_state, shard / f"rng_dp{dp:03d}.pt")
+            if rank == 0:
+                meta = dict(meta, iteration=iteration, format_version=FORMAT_VERSION)
+                with open(tmp / "meta.json", "w") as f:
+                    json.dump(meta, f, indent=1, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())
+            _fsync_dir(shard)
+        except Exception as e:  # noqa: BLE001 - any failure must reach every rank
+            error = f"{type(e).__name__}: {e}"
+        failures = _agree(error)
+    if failures:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = read_tracker(root) if root.exists() else None
+        who = "; ".join(f"rank {r}: {e}" for r, e in failures)
+        kept = f"iteration {previous} is intact" if previous is not None else "no earlier one"
+        raise CheckpointError(f"saving iteration {iteration} to {root} failed ({who}); {kept}")
+
+    if rank == 0:
+        old = None
+        if final.exists():  # re-saving an iteration: keep the old one until the new one is in
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        _fsync_dir(root)
+        tracker_tmp = root / (TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(f"{iteration}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, root / TRACKER)
+        _fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+# --- load --------------------------------------------------------------------------------------
+def check_compatible(meta: dict, args: Any, path: Path) -> None:
+    """Refuse a checkpoint whose model shape or TP/PP differ from this run, naming each."""
+    saved = meta.get("args", {})
+    diffs = []
+    for name in MODEL_SHAPE_ARGS + LAYOUT_ARGS:
+        if name in saved and getattr(args, name, None) != saved[name]:
+            flag = "--" + name.replace("_", "-")
+            diffs.append(f"{flag}: checkpoint {saved[name]!r}, this run {getattr(args, name)!r}")
+    if diffs:
+        hint = ""
+        if any(d.split(":")[0] in ("--tensor-model-parallel-size", "--pipeline-model-parallel-"
+               "size", "--virtual-pipeline-model-parallel-size") for d in diffs):
+            hint = (" To continue at another TP/PP layout, convert the checkpoint first with "
+                    "tools/checkpoint_reshard.py.")
+        raise CheckpointError(f"checkpoint {path} does not match this run: " + "; ".join(diffs)
+                              + "." + hint)
+
+
+def load_meta(root: str | os.PathLike) -> tuple[Optional[Path], Optional[dict]]:
+    """(folder, meta) of the newest complete checkpoint in `root`, or (None, None)."""
+    iteration = read_tracker(root)
+    if iteration is None:
+        return None, None
+    folder = iteration_dir(root, iteration)
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        raise CheckpointError(
+            f"{Path(root) / TRACKER} names iteration {iteration} but {meta_path} is missing"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from None
+    return folder, meta
+
+
+def load_shard_files(
+    folder: Path, coords: dict[str, int], *, optim: bool, optimizer_sharded: bool, rng: bool
+) -> dict[str, Any]:
+    """Read this rank's model (and optionally optimizer and RNG) files of one checkpoint."""
+    shard = shard_dir(folder, coords["tp"], coords["pp"])
+    out: dict[str, Any] = {"model": safe_load(shard / "model.pt")}
+    dp = coords["dp"]
+    if optim:
+        name = f"optim_dp{dp:03d}.pt" if optimizer_sharded else "optim_dp000.pt"
+        out["optimizer"] = safe_load(shard / name)
+    if rng:
+        path = shard / f"rng_dp{dp:03d}.pt"
+        # a checkpoint saved at a smaller DP has no RNG file for the new DP ranks
+        out["rng"] = safe_load(path) if path.exists() else None
+    return out
