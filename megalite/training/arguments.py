@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 
 class ArgumentError(ValueError):
@@ -70,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-position-embeddings", type=int, default=None)
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--swiglu", action="store_true")
-    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"],
-                   default="learned_absolute")
+    g.add_argument(
+        "--position-embedding-type",
+        choices=["learned_absolute", "rope"],
+        default="learned_absolute",
+    )
     g.add_argument("--rotary-base", type=float, default=10000.0)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
@@ -107,15 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 turns clipping off")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", default=None,
-                   help="PREFIX, or weighted: W1 PREFIX1 W2 PREFIX2 ...")
-    g.add_argument("--mock-data", action="store_true",
-                   help="synthetic, learnable token sequences (needs --vocab-size)")
+    g.add_argument(
+        "--data-path",
+        nargs="+",
+        default=None,
+        help="PREFIX, or weighted: W1 PREFIX1 W2 PREFIX2 ...",
+    )
+    g.add_argument(
+        "--mock-data",
+        action="store_true",
+        help="synthetic, learnable token sequences (needs --vocab-size)",
+    )
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--data-cache-path", default=None)
-    g.add_argument("--tokenizer-type", default="NullTokenizer",
-                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer",
-                            "GPT2BPETokenizer", "NullTokenizer"])
+    g.add_argument(
+        "--tokenizer-type",
+        default="NullTokenizer",
+        choices=[
+            "SentencePieceTokenizer",
+            "HuggingFaceTokenizer",
+            "GPT2BPETokenizer",
+            "NullTokenizer",
+        ],
+    )
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
@@ -127,8 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--finetune", action="store_true",
-                   help="load weights only; iteration and data position start at 0")
+    g.add_argument(
+        "--finetune",
+        action="store_true",
+        help="load weights only; iteration and data position start at 0",
+    )
 
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=100)
@@ -137,8 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int, default=None)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--metrics-file", default=None, help="JSON lines, one per logged iteration")
-    g.add_argument("--peak-tflops", type=float, default=None,
-                   help="per-device peak for MFU (default: looked up from the device name)")
+    g.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="per-device peak for MFU (default: looked up from the device name)",
+    )
     return p
 
 
@@ -163,15 +188,25 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     try:
         dp = validate_layout(world_size, tp, pp)
     except LayoutError as e:
-        raise ArgumentError(f"--tensor-model-parallel-size/--pipeline-model-parallel-size: {e}")
+        raise ArgumentError(
+            f"--tensor-model-parallel-size/--pipeline-model-parallel-size: {e}"
+        ) from None
     args.data_parallel_size = dp
     args.world_size = world_size
 
-    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
-                 "micro_batch_size", "train_iters"):
+    for flag in (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "seq_length",
+        "micro_batch_size",
+        "train_iters",
+    ):
         value = getattr(args, flag)
-        _need(value >= 1 if flag != "train_iters" else value >= 0,
-              f"--{flag.replace('_', '-')} must be positive, got {value}")
+        _need(
+            value >= 1 if flag != "train_iters" else value >= 0,
+            f"--{flag.replace('_', '-')} must be positive, got {value}",
+        )
     _need(args.lr >= 0 and args.min_lr >= 0, f"--lr {args.lr} / --min-lr {args.min_lr} < 0")
     _need(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
     _need(not (args.bf16 and args.fp16), "--bf16 and --fp16 are mutually exclusive")
@@ -189,50 +224,72 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     args.virtual_pipeline_model_parallel_size = None
     if args.num_layers_per_virtual_pipeline_stage is not None:
         per = args.num_layers_per_virtual_pipeline_stage
-        _need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs "
-              "--pipeline-model-parallel-size > 1")
-        _need(per >= 1 and args.num_layers % (per * pp) == 0,
-              f"--num-layers {args.num_layers} is not divisible by "
-              f"--num-layers-per-virtual-pipeline-stage {per} x "
-              f"--pipeline-model-parallel-size {pp}")
+        _need(
+            pp > 1,
+            "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1",
+        )
+        _need(
+            per >= 1 and args.num_layers % (per * pp) == 0,
+            f"--num-layers {args.num_layers} is not divisible by "
+            f"--num-layers-per-virtual-pipeline-stage {per} x "
+            f"--pipeline-model-parallel-size {pp}",
+        )
         args.virtual_pipeline_model_parallel_size = args.num_layers // (per * pp)
-        _need(args.num_microbatches % pp == 0,
-              f"the interleaved schedule needs the number of micro-batches "
-              f"({args.num_microbatches} = --global-batch-size {gbs} / (--micro-batch-size {mbs}"
-              f" x DP {dp})) to be a multiple of --pipeline-model-parallel-size {pp}")
+        _need(
+            args.num_microbatches % pp == 0,
+            f"the interleaved schedule needs the number of micro-batches "
+            f"({args.num_microbatches} = --global-batch-size {gbs} / (--micro-batch-size {mbs}"
+            f" x DP {dp})) to be a multiple of --pipeline-model-parallel-size {pp}",
+        )
     else:
-        _need(args.num_layers % pp == 0,
-              f"--num-layers {args.num_layers} is not divisible by "
-              f"--pipeline-model-parallel-size {pp}")
-    _need(args.hidden_size % args.num_attention_heads == 0,
-          f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
-          f"{args.num_attention_heads}")
-    _need(args.num_attention_heads % tp == 0,
-          f"--num-attention-heads {args.num_attention_heads} is not divisible by "
-          f"--tensor-model-parallel-size {tp}")
+        _need(
+            args.num_layers % pp == 0,
+            f"--num-layers {args.num_layers} is not divisible by "
+            f"--pipeline-model-parallel-size {pp}",
+        )
+    _need(
+        args.hidden_size % args.num_attention_heads == 0,
+        f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+        f"{args.num_attention_heads}",
+    )
+    _need(
+        args.num_attention_heads % tp == 0,
+        f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+        f"--tensor-model-parallel-size {tp}",
+    )
     if args.num_query_groups is not None:
         g = args.num_query_groups
-        _need(args.num_attention_heads % g == 0 and g % tp == 0,
-              f"--num-query-groups {g} must divide --num-attention-heads "
-              f"{args.num_attention_heads} and be divisible by --tensor-model-parallel-size {tp}")
+        _need(
+            args.num_attention_heads % g == 0 and g % tp == 0,
+            f"--num-query-groups {g} must divide --num-attention-heads "
+            f"{args.num_attention_heads} and be divisible by --tensor-model-parallel-size {tp}",
+        )
     if args.sequence_parallel:
-        _need(args.seq_length % tp == 0,
-              f"--sequence-parallel needs --seq-length {args.seq_length} divisible by "
-              f"--tensor-model-parallel-size {tp}")
+        _need(
+            args.seq_length % tp == 0,
+            f"--sequence-parallel needs --seq-length {args.seq_length} divisible by "
+            f"--tensor-model-parallel-size {tp}",
+        )
         if tp == 1:
             args.sequence_parallel = False  # nothing to split (Megatron does the same)
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
         if args.swiglu:  # keep the parameter count of a 4h GeLU MLP, as Megatron does
-            args.ffn_hidden_size = int(2 * 4 * args.hidden_size / 3 / 64) * 64 or 4 * args.hidden_size
-    _need(args.ffn_hidden_size % tp == 0,
-          f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by "
-          f"--tensor-model-parallel-size {tp}")
+            args.ffn_hidden_size = (
+                int(2 * 4 * args.hidden_size / 3 / 64) * 64 or 4 * args.hidden_size
+            )
+    _need(
+        args.ffn_hidden_size % tp == 0,
+        f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by "
+        f"--tensor-model-parallel-size {tp}",
+    )
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
-    _need(args.max_position_embeddings >= args.seq_length,
-          f"--max-position-embeddings {args.max_position_embeddings} < --seq-length "
-          f"{args.seq_length}")
+    _need(
+        args.max_position_embeddings >= args.seq_length,
+        f"--max-position-embeddings {args.max_position_embeddings} < --seq-length "
+        f"{args.seq_length}",
+    )
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     _need(args.lr_warmup_iters >= 0, f"--lr-warmup-iters {args.lr_warmup_iters} < 0")
@@ -244,11 +301,16 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     args.zero_stage = zero or 0
     if args.deepspeed:
         _need(args.deepspeed_config is not None, "--deepspeed needs --deepspeed_config FILE")
-        _need(args.zero_stage == 0, "--zero-stage/--use-distributed-optimizer is megalite's own "
-              "ZeRO; with --deepspeed set the ZeRO stage in the DeepSpeed config instead")
+        _need(
+            args.zero_stage == 0,
+            "--zero-stage/--use-distributed-optimizer is megalite's own "
+            "ZeRO; with --deepspeed set the ZeRO stage in the DeepSpeed config instead",
+        )
 
-    _need(args.data_path is not None or args.mock_data,
-          "give --data-path PREFIX (or --mock-data for synthetic tokens)")
+    _need(
+        args.data_path is not None or args.mock_data,
+        "give --data-path PREFIX (or --mock-data for synthetic tokens)",
+    )
     _need(not (args.data_path and args.mock_data), "--data-path and --mock-data exclude each other")
     if args.tokenizer_type == "NullTokenizer":
         _need(args.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")

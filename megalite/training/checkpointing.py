@@ -109,8 +109,13 @@ def set_rng_state(state: dict) -> Optional[dict]:
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
     np.random.set_state(
-        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-         n["cached_gaussian"])
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -253,12 +258,22 @@ def check_compatible(meta: dict, args: Any, path: Path) -> None:
             diffs.append(f"{flag}: checkpoint {saved[name]!r}, this run {getattr(args, name)!r}")
     if diffs:
         hint = ""
-        if any(d.split(":")[0] in ("--tensor-model-parallel-size", "--pipeline-model-parallel-"
-               "size", "--virtual-pipeline-model-parallel-size") for d in diffs):
-            hint = (" To continue at another TP/PP layout, convert the checkpoint first with "
-                    "tools/checkpoint_reshard.py.")
-        raise CheckpointError(f"checkpoint {path} does not match this run: " + "; ".join(diffs)
-                              + "." + hint)
+        if any(
+            d.split(":")[0]
+            in (
+                "--tensor-model-parallel-size",
+                "--pipeline-model-parallel-size",
+                "--virtual-pipeline-model-parallel-size",
+            )
+            for d in diffs
+        ):
+            hint = (
+                " To continue at another TP/PP layout, convert the checkpoint first with "
+                "tools/checkpoint_reshard.py."
+            )
+        raise CheckpointError(
+            f"checkpoint {path} does not match this run: " + "; ".join(diffs) + "." + hint
+        )
 
 
 def load_meta(root: str | os.PathLike) -> tuple[Optional[Path], Optional[dict]]:

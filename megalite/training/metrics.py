@@ -101,8 +101,16 @@ class Reporter:
         print(" | ".join(parts), flush=True)
         self._write(record)
         if self._tb is not None:
-            for key in ("lm_loss", "lr", "grad_norm", "tokens_per_sec", "loss_scale",
-                        "tflops_per_device", "mfu", "step_time_s"):
+            for key in (
+                "lm_loss",
+                "lr",
+                "grad_norm",
+                "tokens_per_sec",
+                "loss_scale",
+                "tflops_per_device",
+                "mfu",
+                "step_time_s",
+            ):
                 value = record.get(key)
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"train/{key}", value, it)
@@ -111,8 +119,10 @@ class Reporter:
         if not self.enabled:
             return
         ppl = math.exp(min(loss, 20.0))
-        print(f"validation at iteration {iteration} | lm loss {loss:.6f} | lm ppl {ppl:.3f}",
-              flush=True)
+        print(
+            f"validation at iteration {iteration} | lm loss {loss:.6f} | lm ppl {ppl:.3f}",
+            flush=True,
+        )
         self._write({"iteration": iteration, "split": "valid", "lm_loss": loss, "lm_ppl": ppl})
         if self._tb is not None:
             self._tb.add_scalar("valid/lm_loss", loss, iteration)
@@ -120,8 +130,10 @@ class Reporter:
 
     def _write(self, record: dict) -> None:
         if self._metrics is not None:
-            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                     for k, v in record.items()}
+            clean = {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in record.items()
+            }
             self._metrics.write(json.dumps(clean) + "\n")
 
     def close(self) -> None:
