@@ -1,0 +1,96 @@
+"""From datasets to micro-batches: which samples each DP rank reads, and mock data.
+
+Global batch `n` is samples ``[consumed, consumed + global_batch)`` of the (already shuffled)
+dataset, whatever the layout. It is cut into steps of ``micro_batch x DP`` samples; in each step
+DP rank `d` reads the `d`-th run of `micro_batch` samples (Megatron's pretraining sampler). So the
+set of samples per iteration is layout-invariant, and resuming from `consumed` continues exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+
+class MockGPTDataset:
+    """Synthetic, learnable token sequences: ``(start + step * j) mod vocab``.
+
+    `start` and `step` come from a generator seeded by (seed, index), so sample `i` is the same
+    on every rank and every run. A model must read the context to get the step: loss falls
+    quickly but not to zero at once. Items: ``{"tokens": int64[seq_length + 1]}``.
+    """
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int = 0):
+        if vocab_size < 2:
+            raise ValueError(f"--vocab-size {vocab_size} must be >= 2 for --mock-data")
+        self.num_samples, self.seq_length = num_samples, seq_length
+        self.vocab_size, self.seed = vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, idx: int) -> dict:
+        if not 0 <= idx < self.num_samples:
+            raise IndexError(idx)
+        rng = np.random.default_rng([self.seed, idx])
+        start = int(rng.integers(self.vocab_size))
+        step = int(rng.integers(1, min(8, self.vocab_size)))
+        j = np.arange(self.seq_length + 1, dtype=np.int64)
+        return {"tokens": (start + step * j) % self.vocab_size}
+
+
+def _tokens_of(item) -> np.ndarray:
+    if isinstance(item, dict):
+        for key in ("tokens", "text"):
+            if key in item:
+                return np.asarray(item[key], dtype=np.int64)
+        raise KeyError(f"dataset item has neither 'tokens' nor 'text': keys {sorted(item)}")
+    return np.asarray(item, dtype=np.int64)
+
+
+def microbatch_indices(
+    consumed: int, micro_batch: int, dp_size: int, dp_rank: int, num_microbatches: int
+) -> list[list[int]]:
+    """Sample indices of each of this DP rank's micro-batches for the next global batch."""
+    step = micro_batch * dp_size
+    return [
+        list(range(consumed + k * step + dp_rank * micro_batch,
+                   consumed + k * step + (dp_rank + 1) * micro_batch))
+        for k in range(num_microbatches)
+    ]
+
+
+def collate(dataset, indices: list[int], device: Optional[torch.device] = None) -> dict:
+    """Tokens/labels/loss mask/positions ``[b, s]`` for the samples `indices`.
+
+    Each item holds ``seq_length + 1`` tokens: inputs are the first `s`, labels the last `s`.
+    """
+    n = len(dataset)
+    rows = np.stack([_tokens_of(dataset[i % n]) for i in indices])  # wraps past one epoch
+    data = torch.from_numpy(rows)
+    tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    batch = {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": torch.ones(labels.shape, dtype=torch.float32),
+        "position_ids": torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous(),
+    }
+    if device is not None and device.type != "cpu":
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch
+
+
+def microbatch_iterator(
+    dataset,
+    consumed: int,
+    micro_batch: int,
+    dp_size: int,
+    dp_rank: int,
+    num_microbatches: int,
+    device: Optional[torch.device] = None,
+) -> Iterator[dict]:
+    """Yields this DP rank's `num_microbatches` batches of the global batch at `consumed`."""
+    for idx in microbatch_indices(consumed, micro_batch, dp_size, dp_rank, num_microbatches):
+        yield collate(dataset, idx, device)
