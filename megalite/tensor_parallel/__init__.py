@@ -1,0 +1,47 @@
+"""Tensor parallelism: autograd collectives, column/row-parallel linears, vocab-parallel
+embedding and cross-entropy, and the RNG tracker with its activation-checkpoint helper.
+
+Public names are re-exported here: ``from megalite.tensor_parallel import RowParallelLinear``.
+"""
+
+from megalite.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    set_tensor_model_parallel_attributes,
+)
+from megalite.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megalite.tensor_parallel.utils import (
+    divide,
+    ensure_divisibility,
+    shard_tensor,
+    vocab_range,
+    vocab_size_with_padding,
+)
+
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "copy_to_tensor_model_parallel_region",
+    "divide",
+    "ensure_divisibility",
+    "gather_from_sequence_parallel_region",
+    "gather_from_tensor_model_parallel_region",
+    "reduce_from_tensor_model_parallel_region",
+    "reduce_scatter_to_sequence_parallel_region",
+    "scatter_to_sequence_parallel_region",
+    "scatter_to_tensor_model_parallel_region",
+    "set_tensor_model_parallel_attributes",
+    "shard_tensor",
+    "vocab_range",
+    "vocab_size_with_padding",
+]
