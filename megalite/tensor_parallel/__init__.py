@@ -4,6 +4,7 @@ embedding and cross-entropy, and the RNG tracker with its activation-checkpoint 
 Public names are re-exported here: ``from megalite.tensor_parallel import RowParallelLinear``.
 """
 
+from megalite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -44,4 +45,5 @@ __all__ = [
     "shard_tensor",
     "vocab_range",
     "vocab_size_with_padding",
+    "vocab_parallel_cross_entropy",
 ]
