@@ -1,0 +1,84 @@
+"""Global gradient norm over every rank, each parameter counted exactly once, and clipping.
+
+Which rank contributes which gradient (attributes from docs/CONTRACTS.md):
+
+- TP-sharded (``tensor_model_parallel``): every TP rank adds its shard; shards are disjoint.
+- replicated over TP (norm weights, row-parallel biases, ...): only TP rank 0 adds it.
+- tied embedding (``shared_embedding``, PP > 1): only the first pipeline stage adds it; the last
+  stage's output weight is the same parameter after finalize's all-reduce.
+- ZeRO 1/2: a rank holds only its DP shard of each gradient; shards are summed over DP.
+  ZeRO 0: every DP replica holds the same gradient, so DP is not summed at all.
+- PP: every stage adds its own layers.
+
+Squares are summed locally, then all-reduced over the given groups (the DP group under ZeRO,
+then the model-parallel group TP x PP), so the result is the norm of the one full gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def counts_in_norm(param: torch.nn.Parameter, tp_rank: int, is_first_stage: bool) -> bool:
+    """Whether this rank's copy of `param` is the one that counts in the global norm."""
+    if getattr(param, "shared_embedding", False) and not is_first_stage:
+        return False
+    return bool(getattr(param, "tensor_model_parallel", False)) or tp_rank == 0
+
+
+def global_grad_norm(
+    grads: Iterable[torch.Tensor], groups: Sequence = (), norm_type: float = 2.0
+) -> float:
+    """The `norm_type` norm of `grads` taken together over every rank of `groups`.
+
+    `grads` must already be de-duplicated (see `counts_in_norm`); `groups` are all-reduced in
+    turn (SUM, or MAX for the inf-norm), e.g. ``[dp_group, model_parallel_group]`` under ZeRO.
+    """
+    grads = [g for g in grads if g.numel()]
+    if norm_type == float("inf"):
+        local = max((g.detach().abs().max().float() for g in grads), default=torch.tensor(0.0))
+        total = torch.as_tensor(local, dtype=torch.float32).reshape(1).clone()
+        op = dist.ReduceOp.MAX
+    else:
+        # Sum in fp32 (fp64 accumulators would not change the answer at our tolerances and
+        # cost bandwidth on GPUs); one scalar per rank goes over the wire.
+        total = torch.zeros(1, dtype=torch.float32)
+        for g in grads:
+            total += g.detach().float().norm(norm_type).cpu() ** norm_type
+        op = dist.ReduceOp.SUM
+    if dist.is_available() and dist.is_initialized():
+        for group in groups:
+            if group is not None:
+                dist.all_reduce(total, op=op, group=group)
+    if norm_type == float("inf"):
+        return float(total.item())
+    return float(total.item() ** (1.0 / norm_type))
+
+
+def clip_grads_by_norm_(grads: Iterable[torch.Tensor], max_norm: float, total_norm: float) -> float:
+    """Scale `grads` in place so that their global norm is at most `max_norm`.
+
+    Returns the coefficient used (1.0 when no clipping was needed). Every rank passes the same
+    `total_norm`, so every shard is scaled by the same factor.
+    """
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0:
+        for g in grads:
+            g.mul_(coeff)
+        return coeff
+    return 1.0
+
+
+def count_zeros(grads: Iterable[torch.Tensor], groups: Sequence = ()) -> int:
+    """Number of exactly-zero gradient entries over every rank of `groups`."""
+    total = torch.zeros(1, dtype=torch.float64)
+    for g in grads:
+        total += float(g.numel() - torch.count_nonzero(g).item())
+    if dist.is_available() and dist.is_initialized():
+        for group in groups:
+            if group is not None:
+                dist.all_reduce(total, group=group)
+    return int(total.item())

@@ -1,0 +1,86 @@
+"""finalize_model_grads: everything between the last backward and ``optimizer.step()``.
+
+Order matters for ZeRO. Tied-embedding and sequence-parallel gradients need a sum over the
+embedding group / the TP group on top of the DP average. Those parameters sit in DDP's deferred
+buckets, which no backward hook reduces, so here they still hold this rank's local (unreduced)
+gradient: summing them first over TP / embedding group and then reducing over DP is exact for
+ZeRO 0, 1 and 2 (both are sums, so they commute), whereas after a ZeRO reduce-scatter a rank no
+longer holds the whole gradient to sum.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megalite.data_parallel.ddp import DistributedDataParallel
+
+
+def _deferred_grads(chunks: list[DistributedDataParallel], attr: str) -> list[torch.Tensor]:
+    grads = []
+    for chunk in chunks:
+        for bucket in chunk.buckets:
+            if not bucket.deferred:
+                continue
+            bucket.materialize()  # ZeRO-2 may have released it if no grad arrived this step
+            grads.extend(p.main_grad for p in bucket.params if getattr(p, attr, False))
+    return grads
+
+
+def _allreduce_coalesced(grads: list[torch.Tensor], group) -> None:
+    """One all-reduce for all `grads` (flattened together), then copied back."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def allreduce_sequence_parallel_grads(chunks: list[DistributedDataParallel], tp_group) -> None:
+    """Sum the partial grads of ``sequence_parallel`` params (norms, row biases) over TP."""
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        _allreduce_coalesced(_deferred_grads(chunks, "sequence_parallel"), tp_group)
+
+
+def allreduce_embedding_grads(chunks: list[DistributedDataParallel], embedding_group) -> None:
+    """Sum the word-embedding (first stage) and output-weight (last stage) grads when tied."""
+    if embedding_group is None or dist.get_world_size(embedding_group) < 2:
+        return
+    grads = _deferred_grads(chunks, "shared_embedding")
+    if len(grads) > 1:
+        raise RuntimeError(
+            f"expected at most one shared_embedding parameter per rank, found {len(grads)}"
+        )
+    _allreduce_coalesced(grads, embedding_group)
+
+
+def finalize_model_grads(
+    model_chunks: list[DistributedDataParallel],
+    num_tokens: Optional[torch.Tensor] = None,
+    tp_group=None,
+    embedding_group=None,
+) -> None:
+    """Make every chunk's ``main_grad`` the full, DP-averaged gradient (its shard under ZeRO).
+
+    The schedules' ``finalize_model_grads_func``. Groups default to parallel_state's (asked
+    once per call); the embedding group is used only on a rank that belongs to it and holds a
+    ``shared_embedding`` parameter. `num_tokens` is accepted for schedule compatibility and
+    ignored: the loss is already averaged per micro-batch.
+    """
+    from megalite import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        if tp_group is None:
+            tp_group = ps.get_tensor_model_parallel_group()
+        if embedding_group is None and ps.is_rank_in_embedding_group(ignore_virtual=True):
+            embedding_group = ps.get_embedding_group()
+    allreduce_sequence_parallel_grads(model_chunks, tp_group)
+    if embedding_group is not None:
+        allreduce_embedding_grads(model_chunks, embedding_group)
+    for chunk in model_chunks:
+        chunk.finish_grad_sync()
