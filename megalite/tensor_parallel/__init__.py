@@ -20,6 +20,13 @@ from megalite.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
+from megalite.tensor_parallel.random import (
+    MODEL_PARALLEL_RNG,
+    RNGStatesTracker,
+    checkpoint,
+    get_rng_tracker,
+    model_parallel_manual_seed,
+)
 from megalite.tensor_parallel.utils import (
     divide,
     ensure_divisibility,
@@ -29,21 +36,26 @@ from megalite.tensor_parallel.utils import (
 )
 
 __all__ = [
+    "checkpoint",
     "ColumnParallelLinear",
-    "RowParallelLinear",
-    "VocabParallelEmbedding",
     "copy_to_tensor_model_parallel_region",
     "divide",
     "ensure_divisibility",
     "gather_from_sequence_parallel_region",
     "gather_from_tensor_model_parallel_region",
+    "get_rng_tracker",
+    "model_parallel_manual_seed",
+    "MODEL_PARALLEL_RNG",
     "reduce_from_tensor_model_parallel_region",
     "reduce_scatter_to_sequence_parallel_region",
+    "RNGStatesTracker",
+    "RowParallelLinear",
     "scatter_to_sequence_parallel_region",
     "scatter_to_tensor_model_parallel_region",
     "set_tensor_model_parallel_attributes",
     "shard_tensor",
+    "vocab_parallel_cross_entropy",
     "vocab_range",
     "vocab_size_with_padding",
-    "vocab_parallel_cross_entropy",
+    "VocabParallelEmbedding",
 ]
