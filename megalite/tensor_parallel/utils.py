@@ -43,7 +43,7 @@ def vocab_size_with_padding(
 
     The padded size is the smallest multiple of ``make_vocab_size_divisible_by * tp`` that is
     >= `vocab_size`, so every TP rank holds the same number of rows and each shard stays a
-    multiple of the alignment (e.g. 50257 -> 50304 at TP=1, 50432 at TP=4 with 128).
+    multiple of the alignment (with 128: 50257 -> 50304 at TP=1, 50432 at TP=2, 50688 at TP=4).
     """
     if vocab_size < 1:
         raise ValueError(f"vocab size must be >= 1, got {vocab_size}")
