@@ -119,8 +119,12 @@ def micro_batches(step: int):
     return list(zip(ids.chunk(MICRO, dim=1), labels.chunk(MICRO, dim=1)))
 
 
-def pipeline_step(ddp, batches) -> float:
-    """Forward + backward of every micro-batch through 2 (or 1) stages; mean loss on the last."""
+def pipeline_step(ddp, batches, grad_scale_func=None) -> float:
+    """Forward + backward of every micro-batch through 2 (or 1) stages; mean loss on the last.
+
+    `grad_scale_func` (fp16 loss scaling) multiplies each loss before its backward.
+    """
+    scale = grad_scale_func or (lambda loss: loss)
     pp = ps.get_pipeline_model_parallel_world_size()
     first = ps.is_pipeline_first_stage()
     tp = ps.get_tensor_model_parallel_world_size()
@@ -130,7 +134,7 @@ def pipeline_step(ddp, batches) -> float:
         with ddp.no_sync() if not sync else contextlib.nullcontext():
             if pp == 1:
                 loss = ddp(ids, labels) / len(batches)
-                loss.backward()
+                scale(loss).backward()
                 total += loss.item()
             elif first:
                 h = ddp(ids, labels)
@@ -143,7 +147,7 @@ def pipeline_step(ddp, batches) -> float:
                 h = torch.empty(s, ids.shape[1], H, requires_grad=True)
                 dist.recv(h.data, ps.get_pipeline_model_parallel_prev_rank())
                 loss = ddp(h, labels) / len(batches)
-                loss.backward()
+                scale(loss).backward()
                 total += loss.item()
                 dist.send(h.grad, ps.get_pipeline_model_parallel_prev_rank())
     return total
