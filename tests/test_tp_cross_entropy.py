@@ -93,6 +93,8 @@ def test_serial_cross_entropy_and_shape_errors():
         _check(None, 1, 0, eps, done)
     assert len(done) == 2
     logits, target, _, _ = _data()
+    int32_loss = vocab_parallel_cross_entropy(logits, target.int(), None)  # int32 ids work too
+    assert_close(int32_loss, _reference(logits, target, 0.0))
     with pytest.raises(ValueError, match=r"logits shape \(6, 3, 16\) does not match target"):
         vocab_parallel_cross_entropy(logits, target.T, None)
     with pytest.raises(ValueError, match="label_smoothing must be in"):

@@ -64,7 +64,7 @@ def test_parameter_attributes_and_dtype(no_apex):
 def test_switch_without_apex(no_apex):
     assert type(build_norm("LayerNorm", 8)) is nn.LayerNorm  # auto falls back to torch
     assert not norms.fused_norms_available()
-    with pytest.raises(ImportError, match="use_fused=True needs NVIDIA apex"):
+    with pytest.raises(ImportError, match="needs NVIDIA apex.*did not import"):
         build_norm("RMSNorm", 8, use_fused=True)
     with pytest.raises(ValueError, match="unknown normalization 'BatchNorm'"):
         build_norm("BatchNorm", 8)
@@ -81,3 +81,9 @@ def test_switch_with_apex(fake_apex, monkeypatch):
         assert fused == cuda == norms.fused_norms_available()
     p = next(build_norm("RMSNorm", 8, use_fused=True, sequence_parallel=True).parameters())
     assert p.sequence_parallel
+    # An older apex without FusedRMSNorm: auto falls back to torch, use_fused=True refuses.
+    monkeypatch.delattr(fake_apex, "FusedRMSNorm")
+    assert torch.cuda.is_available()  # still patched: auto would pick apex if it could
+    assert type(build_norm("RMSNorm", 8)) is nn.RMSNorm
+    with pytest.raises(ImportError, match="apex.normalization.FusedRMSNorm \\(apex lacks it\\)"):
+        build_norm("RMSNorm", 8, use_fused=True)

@@ -72,15 +72,16 @@ def build_norm(
             f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}"
         )
     apex_norm = _apex_normalization() if use_fused is not False else None
-    if use_fused and apex_norm is None:
+    # Older apex builds have FusedLayerNorm but no FusedRMSNorm.
+    fused_cls = getattr(apex_norm, f"Fused{kind}", None)
+    if use_fused and fused_cls is None:
         raise ImportError(
-            "use_fused=True needs NVIDIA apex built with its CUDA extensions "
-            "(apex.normalization did not import); use use_fused=None or False for torch's norms"
+            f"use_fused=True needs NVIDIA apex with apex.normalization.Fused{kind} (apex "
+            f"{'lacks it' if apex_norm is not None else 'did not import'}); use use_fused=None "
+            "or False for torch's norms"
         )
-    fused = apex_norm is not None and (use_fused or torch.cuda.is_available())
-    if fused:
-        cls = apex_norm.FusedLayerNorm if kind == "LayerNorm" else apex_norm.FusedRMSNorm
-        norm = cls(hidden_size, eps=eps).to(device=device, dtype=params_dtype)
+    if fused_cls is not None and (use_fused or torch.cuda.is_available()):
+        norm = fused_cls(hidden_size, eps=eps).to(device=device, dtype=params_dtype)
     elif kind == "LayerNorm":
         norm = nn.LayerNorm(hidden_size, eps=eps, dtype=params_dtype, device=device)
     elif hasattr(nn, "RMSNorm"):

@@ -52,7 +52,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         vocab_size = partition_vocab * world
         ignored = target == ignore_index
         outside = (target < first) | (target >= last)
-        local_target = (target - first).masked_fill(outside, 0)
+        local_target = (target - first).masked_fill(outside, 0).long()  # gather needs int64
         target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
         target_logit = _all_reduce(target_logit.masked_fill(outside, 0.0), group)
 
