@@ -28,7 +28,12 @@ STEPS = 5
 
 
 def ds_config(stage: int) -> dict:
-    cfg = load_deepspeed_config(EXAMPLES / f"ds_zero{stage}.json")
+    return ds_config_from(load_deepspeed_config(EXAMPLES / f"ds_zero{stage}.json"))
+
+
+def ds_config_from(cfg: dict) -> dict:
+    """Complete a DeepSpeed config for TinyLM's batch sizes and optimizer settings."""
+    stage = cfg["zero_optimization"]["stage"]
     if stage == 3:
         # partition even this tiny model's parameters (the example keeps small ones whole)
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -37,13 +42,14 @@ def ds_config(stage: int) -> dict:
     return deepspeed_config_for(cfg, GB // dp // MICRO, GB, oc)
 
 
-def ds_losses(tp: int, stage: int, steps: int = STEPS):
+def ds_losses(tp: int, stage: int, steps: int = STEPS, config=None):
     """Train TinyLM through the DeepSpeed engine; DP-averaged loss per step."""
     ps.initialize_model_parallel(tp, 1)
     dp = ps.get_data_parallel_world_size()
     model = TinyLM(ps.get_tensor_model_parallel_group())
     numels = [p.numel() for p in model.parameters()]
-    engine = initialize_deepspeed(model, ds_config(stage), OptimizerConfig(lr=LR, weight_decay=WD))
+    config = config if config is not None else ds_config(stage)
+    engine = initialize_deepspeed(model, config, OptimizerConfig(lr=LR, weight_decay=WD))
     # sharded over megalite's DP group, not the world
     assert engine.dp_world_size == dp
     if stage == 3:
