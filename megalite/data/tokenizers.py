@@ -1,0 +1,437 @@
+"""Tokenizers for preprocessing and training; every one reads local files, nothing is fetched.
+
+Common interface (``Tokenizer``): ``vocab_size``, ``eod`` (the id appended after each document),
+``tokenize(text) -> list[int]``, ``tokenize_batch(texts) -> list[list[int]]``,
+``detokenize(ids) -> str``. ``tokenize`` never adds BOS/EOS or other template tokens: documents
+are separated by ``eod`` at preprocessing time.
+
+``exact_splitter()`` returns, when the tokenizer's own rules allow it, an ``ExactSplitter``: a way
+to cut a document into chunks (words with their leading whitespace) such that the document's
+encoding is exactly the concatenation of its chunks' encodings. Preprocessing memoises chunk
+encodings through it (real text repeats its words endlessly), which is where its speed comes
+from. Each splitter states why it is exact; tokenizers whose configuration breaks the argument get
+``None`` and are encoded whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from itertools import chain
+from typing import Callable, Optional
+
+import numpy as np
+
+TOKENIZER_TYPES = (
+    "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
+    "HuggingFaceTokenizer",
+    "GPT2BPETokenizer",
+    "NullTokenizer",
+)
+
+
+def gather_segments(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenate ``tokens[starts[i] : starts[i] + lengths[i]]`` for all i, with no Python loop.
+
+    Output token t of segment i is ``tokens[starts[i] + t - first[i]]`` where ``first`` is the
+    segment's first output position: one ``repeat`` and one fancy index.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    index = np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+    index += np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths)
+    return tokens[index]
+
+
+def ragged(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """list of id lists -> (flat int64 tokens, int64 lengths)."""
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    return np.fromiter(chain.from_iterable(lists), np.int64, int(lengths.sum())), lengths
+
+
+def merge_groups(groups: list[tuple], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Put back in input order segments encoded in groups: each group is (input positions,
+    flat tokens, lengths); together the positions cover range(n). Returns (tokens, lengths)."""
+    positions = np.concatenate([np.asarray(g[0], dtype=np.int64) for g in groups])
+    tokens = np.concatenate([g[1] for g in groups])
+    lengths = np.concatenate([g[2] for g in groups])
+    starts = np.cumsum(lengths) - lengths
+    where = np.empty(n, dtype=np.int64)  # where[i]: the group slot of input segment i
+    where[positions] = np.arange(n)
+    return gather_segments(tokens, starts[where], lengths[where]), lengths[where]
+
+
+class ExactSplitter:
+    """Cuts documents into independently encodable chunks.
+
+    ``split(text) -> list[bytes] | None``: UTF-8 chunks of ``text`` (for SentencePiece the words,
+    without the whitespace between them) whose encodings, concatenated, are ``tokenize(text)``;
+    ``None`` when this document holds a character the argument does not cover (the caller then
+    encodes it whole). ``encode(chunks) -> (tokens, lengths)``: each chunk encoded on its own,
+    as flat int64 tokens [sum(lengths)] and int64 lengths [len(chunks)], in input order.
+    """
+
+    def __init__(
+        self,
+        split: Callable[[str], Optional[list[bytes]]],
+        encode: Callable[[list[bytes]], tuple[np.ndarray, np.ndarray]],
+    ):
+        self.split = split
+        self.encode = encode
+
+
+class Tokenizer:
+    """Base class; see the module docstring for the interface."""
+
+    vocab_size: int
+    _eod: Optional[int] = None
+
+    @property
+    def eod(self) -> int:
+        if self._eod is None:
+            raise ValueError(f"{type(self).__name__}: no end-of-document token in this vocabulary")
+        return self._eod
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenize(t) for t in texts]
+
+    def detokenize(self, ids) -> str:
+        raise NotImplementedError
+
+    def exact_splitter(self) -> Optional[ExactSplitter]:
+        return None
+
+
+def _need_file(path: Optional[str], flag: str, owner: str) -> str:
+    if path is None:
+        raise ValueError(f"{owner} needs {flag}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path}: no such file or directory")
+    return path
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _proto_fields(buf: bytes):
+    """Yield (field number, wire type, value) of a serialized protobuf message: varints as int,
+    length-delimited fields as bytes (fixed-width fields are skipped)."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos : pos + size], pos + size
+        elif wire in (1, 5):
+            value, pos = None, pos + (8 if wire == 1 else 4)
+        else:
+            return
+        yield number, wire, value
+
+
+def sentencepiece_model_type(serialized: bytes) -> str:
+    """ "unigram", "bpe", "word" or "char": ModelProto.trainer_spec (2) .model_type (3)."""
+    kind = 1  # proto default: UNIGRAM
+    for number, wire, value in _proto_fields(serialized):
+        if number == 2 and wire == 2:
+            for inner, inner_wire, inner_value in _proto_fields(value):
+                if inner == 3 and inner_wire == 0:
+                    kind = inner_value
+    return {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(kind, "unknown")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece ``.model`` file; ``eod`` is its ``</s>`` (eos) id."""
+
+    def __init__(self, model_file: str):
+        import sentencepiece
+
+        _need_file(model_file, "--tokenizer-model", type(self).__name__)
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(
+                f"--tokenizer-model {model_file}: not a SentencePiece model ({e})"
+            ) from e
+        self.model_file = model_file
+        self.vocab_size = self.sp.get_piece_size()
+        self._eod = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.model_type = sentencepiece_model_type(self.sp.serialized_model_proto())
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def detokenize(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def exact_splitter(self) -> Optional[ExactSplitter]:
+        """Split at ASCII whitespace, when the model makes every such split an exact cut.
+
+        After normalisation SentencePiece sees ``▁word▁word...``. When (1) the normaliser turns
+        each separator into one ``▁``, collapses runs and strips the ends (remove_extra_whitespaces)
+        and puts a ``▁`` in front (add_dummy_prefix), each word normalises on its own to exactly
+        its ``▁word`` segment. When (2) no piece holds ``▁`` but at its start and ``▁`` itself is
+        a piece, no merge can join two words, and a BPE model applies to each word the same
+        merges in the same order (highest score first, then leftmost) as in context: the text's
+        encoding is the concatenation of its words' encodings. Separators the normaliser does not
+        map to a space (``\\x0b`` for nmt_nfkc deletes it) are never cut at: a document holding
+        one is encoded whole.
+
+        Unigram models are left out on purpose: Viterbi adds float32 path scores, and segmentations
+        that tie in exact arithmetic (``====`` runs cut as 16+15 or 15+16 pieces) are decided by
+        rounding that depends on the score of everything before the word. Measured on real text,
+        that changes a few tokens per ten thousand; such models take the tokenizer's own encode.
+        """
+        sp = self.sp
+        if self.model_type not in ("bpe", "word", "char"):
+            return None
+        if sp.normalize("  a  b ") != "\u2581a\u2581b":
+            return None  # keeps extra whitespace, lacks the dummy prefix, or uses suffix ▁
+        space = sp.piece_to_id("\u2581")
+        if space == sp.unk_id() or sp.is_control(space):
+            return None  # a lone ▁ would become <unk>, and adjacent unknowns get merged
+        for i in range(self.vocab_size):
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                continue
+            if "\u2581" in sp.id_to_piece(i)[1:]:
+                return None  # a piece spans a word boundary: words are not independent
+        unsafe = [c for c in "\t\n\x0b\x0c\r " if sp.normalize(f"a{c}b") != "\u2581a\u2581b"]
+
+        def split(text: str) -> Optional[list[bytes]]:
+            for c in unsafe:
+                if c in text:
+                    return None
+            return text.encode("utf-8").split()
+
+        def encode(chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+            return ragged(sp.encode(chunks))
+
+        return ExactSplitter(split, encode)
+
+
+# Unicode White_Space, which the byte-level regex's \s means (Python's str.isspace() also counts
+# \x1c-\x1f, so the classes are spelled out). ASCII members first.
+_ASCII_WS = "\t\n\x0b\x0c\r "
+_NON_ASCII_WS = re.compile("[\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
+# The byte-level regex with its letter / number / other classes merged into one non-space class:
+# the same whitespace decisions, so its matches are unions of consecutive pre-tokens.
+_BYTE_LEVEL_CHUNK = re.compile(
+    rb" ?[^\t\n\x0b\x0c\r ]+|[\t\n\x0b\x0c\r ]+(?![^\t\n\x0b\x0c\r ])|[\t\n\x0b\x0c\r ]+"
+)
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A local ``tokenizer.json`` (or a folder holding one), read with the ``tokenizers`` library.
+
+    ``eod``: the ``eos_token`` of a ``tokenizer_config.json`` next to it, else the first of
+    ``<|endoftext|>``, ``<|end_of_text|>``, ``</s>``, ``<eos>`` in the vocabulary.
+    """
+
+    def __init__(self, path: str, _tokenizer=None):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if _tokenizer is None:
+            _need_file(path, "--tokenizer-model", type(self).__name__)
+            file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+            if not os.path.exists(file):
+                raise FileNotFoundError(f"--tokenizer-model {path}: no tokenizer.json in it")
+            try:
+                _tokenizer = HFTokenizer.from_file(file)
+            except Exception as e:  # the Rust side raises a bare Exception
+                raise ValueError(f"--tokenizer-model {file}: not a tokenizer.json ({e})") from e
+        self.path = path
+        self.tok = _tokenizer
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self._eod = self._find_eod(path)
+
+    def _find_eod(self, path: Optional[str]) -> Optional[int]:
+        folder = path if path and os.path.isdir(path) else os.path.dirname(path or "")
+        config = os.path.join(folder, "tokenizer_config.json")
+        names = ["<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>"]
+        if path and os.path.exists(config):
+            with open(config) as f:
+                eos = json.load(f).get("eos_token")
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+            if eos:
+                names.insert(0, eos)
+        for name in names:
+            i = self.tok.token_to_id(name)
+            if i is not None:
+                return i
+        return None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def detokenize(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def exact_splitter(self) -> Optional[ExactSplitter]:
+        """Chunks = the byte-level regex with its non-space classes merged, for GPT-2-style BPE.
+
+        The pre-tokenizer's regex is ``'s|'t|...| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|
+        \\s+(?!\\S)|\\s+``; ours is `` ?\\S+|\\s+(?!\\S)|\\s+``. Both take the same decisions
+        on whitespace, and every non-space class stops at whitespace, so each of our matches is a
+        run of whole pre-tokens that ends at whitespace or at the end of the text. Matching looks
+        only forward and BPE runs on each pre-token alone, so a chunk encodes on its own exactly
+        as it does in context, and the text is the concatenation of its chunks. Holds when
+        there is no normaliser, the pre-tokenizer is exactly ByteLevel(use_regex, no prefix space)
+        over a BPE without dropout, and no added token holds whitespace or strips its neighbours.
+        Documents with non-ASCII whitespace are encoded whole (the byte regex only knows ASCII).
+        """
+        spec = json.loads(self.tok.to_str())
+        pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+        if (
+            spec.get("normalizer") is not None
+            or pre.get("type") != "ByteLevel"
+            or not pre.get("use_regex", True)
+            or pre.get("add_prefix_space")
+            or model.get("type") != "BPE"
+            or model.get("dropout") not in (None, 0.0)
+        ):
+            return None
+        for added in spec.get("added_tokens", []):
+            content = added["content"]
+            if added.get("lstrip") or added.get("rstrip") or added.get("single_word"):
+                return None
+            if any(c.isspace() for c in content) or _NON_ASCII_WS.search(content):
+                return None
+        tok = self.tok
+
+        def split(text: str) -> Optional[list[bytes]]:
+            if not text.isascii() and _NON_ASCII_WS.search(text):
+                return None
+            return _BYTE_LEVEL_CHUNK.findall(text.encode("utf-8"))
+
+        ws = frozenset(_ASCII_WS.encode())
+
+        def encode(chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+            # One Encoding per chunk costs ~15 us of overhead. Chunks that start with whitespace
+            # and end without it can be glued together: every junction is then a cut point of
+            # the argument above, so one encode of the glued text gives all of them, and the
+            # token offsets tell which chunk each token came from.
+            glue = [i for i, c in enumerate(chunks) if c[0] in ws and c[-1] not in ws]
+            rest = sorted(set(range(len(chunks))) - set(glue)) if len(glue) < len(chunks) else []
+            blob = b"".join([chunks[i] for i in glue])
+            # character index of each chunk start: count the non-continuation bytes before it
+            is_char = (np.frombuffer(blob, dtype=np.uint8) & 0xC0) != 0x80
+            char_at = np.concatenate([[0], np.cumsum(is_char)])
+            byte_len = np.fromiter(map(len, (chunks[i] for i in glue)), np.int64, len(glue))
+            byte_start = np.cumsum(byte_len) - byte_len
+            char_start = char_at[byte_start]
+            # Encode the glued text in pieces of ~8 KB: one huge string is twice as slow.
+            first_chunk = np.flatnonzero(np.diff(byte_start // 8192, prepend=-1))
+            bounds = np.append(char_start[first_chunk], char_at[-1]).tolist()
+            text = blob.decode("utf-8")
+            pieces = [text[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            encs = tok.encode_batch(pieces, add_special_tokens=False)
+            tok_g = np.fromiter(chain.from_iterable(e.ids for e in encs), np.int64)
+            first = np.fromiter(
+                (o[0] + base for e, base in zip(encs, bounds) for o in e.offsets), np.int64
+            )
+            owner = np.searchsorted(char_start, first, side="right") - 1
+            len_g = np.bincount(owner, minlength=len(glue)).astype(np.int64)
+            texts = [chunks[i].decode("utf-8") for i in rest]
+            encs = tok.encode_batch(texts, add_special_tokens=False)
+            tok_r, len_r = ragged([e.ids for e in encs])
+            return merge_groups([(glue, tok_g, len_g), (rest, tok_r, len_r)], len(chunks))
+
+        return ExactSplitter(split, encode)
+
+
+class GPT2BPETokenizer(HuggingFaceTokenizer):
+    """GPT-2 byte-level BPE from ``vocab.json`` + ``merges.txt``; ``eod`` = ``<|endoftext|>``.
+
+    Built as a ``tokenizers`` byte-level BPE. As in Megatron's GPT-2 tokenizer, the text
+    ``<|endoftext|>`` inside a document is encoded as plain characters, not as the eod token.
+    """
+
+    def __init__(self, vocab_file: str, merge_file: str):
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        _need_file(vocab_file, "--vocab-file", type(self).__name__)
+        _need_file(merge_file, "--merge-file", type(self).__name__)
+        try:
+            bpe = models.BPE.from_file(vocab_file, merge_file)
+        except Exception as e:
+            raise ValueError(
+                f"--vocab-file {vocab_file} / --merge-file {merge_file}: not a GPT-2 BPE ({e})"
+            ) from e
+        tok = HFTokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        super().__init__(None, _tokenizer=tok)
+        self.vocab_file, self.merge_file = vocab_file, merge_file
+        self._eod = tok.token_to_id("<|endoftext|>")
+
+
+class NullTokenizer(Tokenizer):
+    """Text is space-separated token ids. As in Megatron, ids run 0..V-1, ``eod`` = V and
+    ``vocab_size`` = V + 1 for ``--vocab-size V``."""
+
+    def __init__(self, vocab_size: int):
+        if vocab_size is None or int(vocab_size) <= 0:
+            raise ValueError("NullTokenizer needs --vocab-size (a positive integer)")
+        self._eod = int(vocab_size)
+        self.vocab_size = int(vocab_size) + 1
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = [int(x) for x in text.split()]
+        bad = [i for i in ids if not 0 <= i < self._eod]
+        if bad:
+            raise ValueError(f"NullTokenizer: token id {bad[0]} outside [0, {self._eod})")
+        return ids
+
+    def detokenize(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def build_tokenizer(
+    tokenizer_type: str,
+    tokenizer_model: Optional[str] = None,
+    vocab_file: Optional[str] = None,
+    merge_file: Optional[str] = None,
+    vocab_size: Optional[int] = None,
+) -> Tokenizer:
+    """Build a tokenizer from Megatron's flags (``--tokenizer-type``, ``--tokenizer-model``,
+    ``--vocab-file``, ``--merge-file``, ``--vocab-size``). A missing file raises
+    ``FileNotFoundError`` naming the flag and the path; an unknown type, ``ValueError``."""
+    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+        return SentencePieceTokenizer(
+            _need_file(tokenizer_model, "--tokenizer-model", tokenizer_type)
+        )
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(
+            _need_file(tokenizer_model, "--tokenizer-model", tokenizer_type)
+        )
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(vocab_file, merge_file)
+    if tokenizer_type == "NullTokenizer":
+        return NullTokenizer(vocab_size)
+    raise ValueError(
+        f"unknown --tokenizer-type {tokenizer_type!r}; known: {', '.join(TOKENIZER_TYPES)}"
+    )
