@@ -104,7 +104,7 @@ def forward_backward_pipelining_with_interleaving(
     outputs: list[list] = [[] for _ in range(v)]
     output_grads: list[list] = [[] for _ in range(v)]
     losses: list[dict] = []
-    sync = GradSyncControl(no_sync_func, enabled=not forward_only)
+    sync = GradSyncControl(no_sync_func, enabled=not forward_only, num_chunks=v)
 
     def is_first(c: int) -> bool:  # the very first virtual stage
         return links.is_first and c == 0
@@ -129,7 +129,7 @@ def forward_backward_pipelining_with_interleaving(
         c = chunk_id(k, p, v, forward=False)
         _set_virtual_rank(c)
         if microbatch_id(k, p, v) == m - 1:
-            sync.enable_sync()  # some chunk's last micro-batch: let DDP reduce from here on
+            sync.enable_sync(c)  # chunk c's last micro-batch: its DDP may reduce from here on
         if is_last(c):
             output_grads[c].append(None)
         return backward_step(

@@ -16,10 +16,12 @@ returns::
 * The loss is divided by `num_microbatches` before backward, so accumulated gradients are those
   of the mean loss over the micro-batches. The returned list holds one dict per micro-batch on
   the last stage (the dicts as `loss_func` returned them, not divided) and is empty elsewhere.
-* ``no_sync_func()`` (or a list of them, one per model chunk) returns a context under which
-  backward must not synchronize data-parallel gradients: it is entered before the first
-  backward and left before the backward of the last micro-batch (interleaved: before the first
-  backward that is some chunk's last micro-batch), so a DDP wrapper reduces once per step.
+* ``no_sync_func()`` (or a list of them, one per model chunk, e.g. each chunk's DDP
+  ``no_sync``) returns a context under which backward must not synchronize data-parallel
+  gradients: it is entered before the first backward and left right before the backward of the
+  last micro-batch, so a DDP wrapper reduces once per step. Interleaved with a list: each
+  chunk's context is left before that chunk's last backward; with one callable, before the
+  first backward that is some chunk's last (Megatron's behaviour).
 * ``finalize_model_grads_func(model_chunks)`` runs after the last backward (data-parallel,
   sequence-parallel and tied-embedding reductions, see `megalite.model.grads`).
 * ``grad_scale_func(loss) -> scaled loss`` applies the fp16 loss scale before backward.
@@ -123,26 +125,39 @@ def backward_step(
 
 
 class GradSyncControl:
-    """Enter the `no_sync_func` context(s) once and leave them once (both idempotent)."""
+    """Enter the `no_sync_func` contexts once, leave them once: DDP reduces only after that.
 
-    def __init__(self, no_sync_func, enabled: bool):
-        if isinstance(no_sync_func, (list, tuple)):
+    `no_sync_func` is one callable or a list of them, one per model chunk. With a list, chunk c's
+    context is left by ``enable_sync(c)`` right before *that chunk's* last backward (a chunk's
+    DDP reduces each bucket once, when its last gradient of the step arrives); ``enable_sync()``
+    without a chunk leaves every context that is still open.
+    """
+
+    def __init__(self, no_sync_func, enabled: bool, num_chunks: int = 1):
+        if no_sync_func is None or not enabled:
+            funcs = []
+        elif isinstance(no_sync_func, (list, tuple)):
             funcs = list(no_sync_func)
+            if len(funcs) != num_chunks:
+                raise ValueError(f"got {len(funcs)} no_sync_func for {num_chunks} model chunks")
         else:
-            funcs = [no_sync_func] if no_sync_func is not None else []
-        self.funcs = funcs if enabled else []
-        self.stack: Optional[contextlib.ExitStack] = None
+            funcs = [no_sync_func]
+        self.funcs = funcs
+        self.stacks: dict[int, contextlib.ExitStack] = {}
 
     def disable_sync(self) -> None:
-        if self.funcs and self.stack is None:
-            self.stack = contextlib.ExitStack()
-            for func in self.funcs:
-                self.stack.enter_context(func())
+        for i, func in enumerate(self.funcs):
+            if i not in self.stacks:
+                self.stacks[i] = contextlib.ExitStack()
+                self.stacks[i].enter_context(func())
 
-    def enable_sync(self) -> None:
-        if self.stack is not None:
-            self.stack.close()
-            self.stack = None
+    def enable_sync(self, chunk: Optional[int] = None) -> None:
+        if chunk is not None and len(self.funcs) > 1:
+            if chunk in self.stacks:
+                self.stacks.pop(chunk).close()
+            return
+        for i in list(self.stacks):
+            self.stacks.pop(i).close()
 
 
 def as_chunks(model: Model) -> list[nn.Module]:
