@@ -19,9 +19,11 @@ world): each bucket is divided by the DP size and then
 Buckets are filled in reverse parameter order (roughly the order backward produces gradients).
 With ``overlap_grad_reduce`` a bucket's reduction is launched (async) by the hook of the last of
 its parameters, so communication overlaps the rest of the backward pass; otherwise everything
-is launched by `finish_grad_sync`. Outside `no_sync()` a bucket may be launched once per sync
-window: accumulating two micro-batches without `no_sync` under overlap is an error, not silent
-double-counting.
+is launched by `finish_grad_sync`. A gradient that arrives for a bucket already launched in
+this window (a micro-batch accumulated outside `no_sync`, or the interleaved schedule, which
+leaves `no_sync` once for all chunks while some still have micro-batches to go) *reopens* it:
+the reduction is waited for and the new gradient is reduced on top of it at the next launch.
+Averaging is linear, so the result is exact; only communication is repeated.
 
 Parameters whose gradients need a model-parallel all-reduce first (``sequence_parallel`` norm
 weights, ``shared_embedding`` tied embeddings; see docs/CONTRACTS.md) live in separate
@@ -92,6 +94,7 @@ class Bucket:
         self.pending: set[int] = {id(p) for p in params}
         self.work = None
         self.out: Optional[torch.Tensor] = None
+        self.acc: Optional[torch.Tensor] = None  # ZeRO-1 reduced shard set aside by `reopen`
 
     # -- storage (ZeRO-2 releases the full buffer between reductions) -------------------------
     @property
@@ -138,10 +141,30 @@ class Bucket:
             lo, hi = self.shard
             if self.zero_stage == 1:
                 self.data[lo:hi].copy_(self.out)
+                if self.acc is not None:
+                    self.data[lo:hi].add_(self.acc)
+                    self.acc = None
             else:
                 self.grad_shard.add_(self.out)
                 self.release()
             self.out = None
+
+    def reopen(self) -> None:
+        """Accept more gradient after a launch: finish it, then reduce new grads on top.
+
+        ZeRO 0: the bucket now holds the DP average A on every rank; averaging ``A + g_r`` over
+        ranks gives ``A + mean(g)``, so plain accumulation is exact. ZeRO 1: only the owned
+        shard holds A (the rest is this rank's unreduced gradient), so A is set aside and the
+        buffer restarts from zero; `wait` adds A back after the next reduce-scatter.
+        ZeRO 2 reduces into its persistent shard every backward anyway.
+        """
+        self.wait()
+        if self.zero_stage == 1:
+            lo, hi = self.shard
+            acc = self.data[lo:hi].clone()
+            self.data.zero_()
+            self.acc = acc
+        self.reset_window()
 
     def reset_window(self) -> None:
         self.pending = {id(p) for p in self.params}
@@ -229,10 +252,7 @@ class DistributedDataParallel(torch.nn.Module):
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         if id(param) not in bucket.pending:
-            raise RuntimeError(
-                "a gradient arrived for a bucket whose reduction was already launched: wrap "
-                "every micro-batch but the last in ddp.no_sync() (or call zero_grad_buffer())"
-            )
+            bucket.reopen()
         bucket.materialize()
         param.main_grad.add_(param.grad)
         param.grad = None
@@ -284,7 +304,7 @@ class DistributedDataParallel(torch.nn.Module):
         for b in self.buckets:
             if b.work is not None:
                 b.work.wait()
-            b.work, b.out = None, None
+            b.work, b.out, b.acc = None, None, None
             if b.materialized:
                 b.data.zero_()
             if b.grad_shard is not None:
