@@ -185,7 +185,7 @@ class BlockEncoder:
             bad = [k for k, v in zip(self.json_keys, values) if not isinstance(v, str)]
             if bad:
                 problem = bad[0]
-                what = "missing" if problem not in obj else f"a {type(obj[problem]).__name__}"
+                what = "missing" if problem not in obj else f"of type {type(obj[problem]).__name__}"
                 out.bad.append((first_line + i, f"key {problem!r} is {what}, not a string"))
                 continue
             for k, v in zip(self.json_keys, values):

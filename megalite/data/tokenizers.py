@@ -299,8 +299,8 @@ class HuggingFaceTokenizer(Tokenizer):
         only forward and BPE runs on each pre-token alone, so a chunk encodes on its own exactly
         as it does in context, and the text is the concatenation of its chunks. Holds when
         there is no normaliser, the pre-tokenizer is exactly ByteLevel(use_regex, no prefix space)
-        over a BPE without dropout, and no added token holds whitespace or strips its neighbours.
-        Documents with non-ASCII whitespace are encoded whole (the byte regex only knows ASCII).
+        over a BPE without dropout. Documents with non-ASCII whitespace (the byte regex only knows
+        ASCII) or with the text of an added token are encoded whole.
         """
         spec = json.loads(self.tok.to_str())
         pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
@@ -313,16 +313,17 @@ class HuggingFaceTokenizer(Tokenizer):
             or model.get("dropout") not in (None, 0.0)
         ):
             return None
-        for added in spec.get("added_tokens", []):
-            content = added["content"]
-            if added.get("lstrip") or added.get("rstrip") or added.get("single_word"):
-                return None
-            if any(c.isspace() for c in content) or _NON_ASCII_WS.search(content):
-                return None
+        # Added tokens are cut out before pre-tokenization, which ends a whitespace run early
+        # ("a  <|endoftext|>" pre-tokenizes "  " whole, where "a  <x" gives " " and " <x"):
+        # a document holding one is encoded whole.
+        added = [a["content"] for a in spec.get("added_tokens", []) if a.get("content")]
+        has_added = re.compile("|".join(map(re.escape, added))).search if added else None
         tok = self.tok
 
         def split(text: str) -> Optional[list[bytes]]:
             if not text.isascii() and _NON_ASCII_WS.search(text):
+                return None
+            if has_added is not None and has_added(text):
                 return None
             return _BYTE_LEVEL_CHUNK.findall(text.encode("utf-8"))
 

@@ -1,0 +1,120 @@
+"""Tokenizers: factory errors, round trips, and the exactness of the chunk-memoised fast path."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from megalite.data.encode import ChunkCache
+from megalite.data.tokenizers import (
+    GPT2BPETokenizer,
+    HuggingFaceTokenizer,
+    NullTokenizer,
+    SentencePieceTokenizer,
+    build_tokenizer,
+    sentencepiece_model_type,
+)
+from tests.test_data_common import (
+    EDGE_CASES,
+    stdlib_text,
+    train_byte_level_bpe,
+    train_sentencepiece,
+)
+
+
+@pytest.fixture(scope="module")
+def toks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    bpe = train_byte_level_bpe(str(d / "bpe"))
+    return {
+        "sp_bpe": SentencePieceTokenizer(train_sentencepiece(str(d / "bpe.model"), "bpe")),
+        "sp_unigram": SentencePieceTokenizer(train_sentencepiece(str(d / "u.model"), "unigram")),
+        "hf": HuggingFaceTokenizer(bpe["tokenizer_json"]),
+        "hf_folder": HuggingFaceTokenizer(str(d / "bpe")),
+        "gpt2": GPT2BPETokenizer(bpe["vocab"], bpe["merges"]),
+    }
+
+
+def test_factory_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown --tokenizer-type 'Nope'"):
+        build_tokenizer("Nope")
+    with pytest.raises(ValueError, match="SentencePieceTokenizer needs --tokenizer-model"):
+        build_tokenizer("SentencePieceTokenizer")
+    missing = str(tmp_path / "missing.model")
+    with pytest.raises(FileNotFoundError, match=f"--tokenizer-model {missing}: no such file"):
+        build_tokenizer("SentencePieceTokenizer", tokenizer_model=missing)
+    with pytest.raises(FileNotFoundError, match="--merge-file"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=__file__, merge_file=missing)
+    with pytest.raises(FileNotFoundError, match="--tokenizer-model .*no tokenizer.json"):
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path))
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a SentencePiece model"):
+        build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(junk))
+    with pytest.raises(ValueError, match="NullTokenizer needs --vocab-size"):
+        build_tokenizer("NullTokenizer")
+
+
+def test_null_tokenizer():
+    tok = build_tokenizer("NullTokenizer", vocab_size=100)
+    assert isinstance(tok, NullTokenizer)
+    assert (tok.vocab_size, tok.eod) == (101, 100)  # Megatron: eod = V, vocab_size = V + 1
+    assert tok.tokenize(" 3 1  4\n99") == [3, 1, 4, 99]
+    assert tok.detokenize([3, 1, 4]) == "3 1 4"
+    with pytest.raises(ValueError, match="token id 100 outside"):
+        tok.tokenize("1 100")
+
+
+def test_interface_and_round_trip(toks):
+    text = "def f(x):\n    return x  # naïve café 東京 😀"
+    for name in ("hf", "hf_folder", "gpt2"):  # byte-level BPE is lossless
+        tok = toks[name]
+        assert tok.detokenize(tok.tokenize(text)) == text
+        assert tok.tokenize_batch([text, "a b"]) == [tok.tokenize(text), tok.tokenize("a b")]
+        assert tok.eod == tok.tok.token_to_id("<|endoftext|>")
+    assert toks["hf"].tokenize(text) == toks["gpt2"].tokenize(text)
+    sp = toks["sp_bpe"]
+    assert sp.detokenize(sp.tokenize("hello world")) == "hello world"
+    assert sp.eod == sp.sp.eos_id() and sp.vocab_size == 800
+    assert sentencepiece_model_type(sp.sp.serialized_model_proto()) == "bpe"
+    assert toks["sp_unigram"].model_type == "unigram"
+
+
+def test_fast_path_availability(toks):
+    assert toks["sp_bpe"].exact_splitter() is not None
+    assert toks["hf"].exact_splitter() is not None
+    assert toks["gpt2"].exact_splitter() is not None
+    # Unigram Viterbi ties depend on float rounding of everything before a word: not exact.
+    assert toks["sp_unigram"].exact_splitter() is None
+    assert NullTokenizer(10).exact_splitter() is None
+
+
+def _documents() -> list[str]:
+    """Edge cases alone, glued together, and shuffled mixes of their words and real text."""
+    rng = random.Random(0)
+    words = [w for t in EDGE_CASES for w in t.split(" ")] + stdlib_text(20_000)[:40]
+    seps = [" ", "  ", "\n", "\n\n    ", "\t", "\xa0", "\u3000", " \n ", ""]
+    mixes = [
+        "".join(rng.choice(words) + rng.choice(seps) for _ in range(rng.randint(1, 40)))
+        for _ in range(300)
+    ]
+    return EDGE_CASES + ["".join(EDGE_CASES), " ".join(EDGE_CASES)] + mixes
+
+
+@pytest.mark.parametrize("name", ["sp_bpe", "hf", "gpt2"])
+@pytest.mark.parametrize("append_eod", [False, True])
+def test_fast_path_is_token_identical(toks, name, append_eod):
+    tok = toks[name]
+    docs = _documents()
+    cache = ChunkCache(tok, max_chunks=500)  # small: also exercises the reset
+    got_all = []
+    for start in range(0, len(docs), 37):  # several blocks, the cache warming up across them
+        tokens, lengths = cache.encode(docs[start : start + 37], append_eod)
+        got_all += np.split(tokens, np.cumsum(lengths)[:-1])
+    for doc, got in zip(docs, got_all):
+        want = tok.tokenize(doc)
+        if append_eod and want:
+            want = want + [tok.eod]
+        assert got.tolist() == want, repr(doc[:80])
