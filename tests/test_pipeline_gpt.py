@@ -21,6 +21,7 @@ from megalite.model import (
     allreduce_embedding_grads,
     allreduce_sequence_parallel_grads,
     build_model,
+    pipeline_tensor_shape,
 )
 from megalite.model.gpt import WORD_EMBEDDING
 from megalite.pipeline_parallel import get_forward_backward_func
@@ -120,13 +121,12 @@ def _run_case(case: dict) -> tuple[list[str], int]:
         extra = dict(finalize_model_grads_func=functools.partial(_finalize, dp=dp))
     mine = batch[dp_rank * m * MB : (dp_rank + 1) * m * MB]
     micro = [(mine[i * MB : (i + 1) * MB, :-1], mine[i * MB : (i + 1) * MB, 1:]) for i in range(m)]
-    s = cfg.seq_length // tp if cfg.sequence_parallel else cfg.seq_length
     losses = get_forward_backward_func()(
         _forward_step,
         [iter(micro) for _ in model] if vpp else iter(micro),
         model if vpp else model[0],
         m,
-        tensor_shape=(s, MB, cfg.hidden_size),
+        tensor_shape=pipeline_tensor_shape(cfg, MB),
         **extra,
     )
     if ps.is_pipeline_last_stage(ignore_virtual=True):

@@ -2,7 +2,7 @@
 
 from megalite.model.config import GPTConfig
 from megalite.model.flops import num_floating_point_operations
-from megalite.model.gpt import GPTModel, build_model
+from megalite.model.gpt import GPTModel, build_model, pipeline_tensor_shape
 from megalite.model.grads import allreduce_embedding_grads, allreduce_sequence_parallel_grads
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "allreduce_sequence_parallel_grads",
     "build_model",
     "num_floating_point_operations",
+    "pipeline_tensor_shape",
 ]

@@ -198,6 +198,15 @@ class GPTModel(nn.Module):
         return x
 
 
+def pipeline_tensor_shape(config: GPTConfig, micro_batch_size: int) -> tuple[int, int, int]:
+    """The ``[s, b, h]`` crossing every stage boundary (``[s/tp, b, h]`` with SP): the
+    schedules' `tensor_shape`."""
+    s = config.seq_length
+    if config.sequence_parallel and config.tensor_model_parallel_size > 1:
+        s //= config.tensor_model_parallel_size
+    return (s, micro_batch_size, config.hidden_size)
+
+
 def build_model(
     config: GPTConfig,
     seed: int,
