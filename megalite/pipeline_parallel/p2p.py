@@ -83,6 +83,7 @@ class StageP2P:
     ):
         self.links, self.tensor_shape, self.dtype = links, tuple(tensor_shape), dtype
         self.device = device if device is not None else torch.device("cpu")
+        _warm_up(links.group)
 
     def exchange(
         self,
@@ -152,6 +153,21 @@ class StageP2P:
         if self.links.is_first:
             return None
         return self.exchange(send_prev=input_grad, recv_prev=True)[0]
+
+
+_WARM: list = []  # groups already warmed up (the objects, so that an id is never reused)
+
+
+def _warm_up(group) -> None:
+    """NCCL: the first batched p2p call on a group must involve all its ranks, which pipeline
+    stages never do (stage 0 sends while stage 1 receives); a barrier first creates the
+    communicator collectively. Every stage builds its StageP2P at the start of the same
+    schedule call, so the barrier lines up. Gloo needs nothing."""
+    if group is None or any(g is group for g in _WARM):
+        return
+    if dist.get_backend(group) == "nccl":
+        dist.barrier(group=group)
+    _WARM.append(group)
 
 
 def _send(tensor: torch.Tensor, peer: int, group, tag: int) -> dist.P2POp:
