@@ -8,7 +8,8 @@ set of samples per iteration is layout-invariant, and resuming from `consumed` c
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ class MockGPTDataset:
 
     `start` and `step` come from a generator seeded by (seed, index), so sample `i` is the same
     on every rank and every run. A model must read the context to get the step: loss falls
-    quickly but not to zero at once. Items: ``{"tokens": int64[seq_length + 1]}``.
+    quickly but not to zero at once. Items as `megalite.data.gpt_dataset`'s:
+    ``{"tokens": int64[seq_length], "labels": int64[seq_length]}`` (labels = tokens shifted).
     """
 
     def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int = 0):
@@ -38,16 +40,8 @@ class MockGPTDataset:
         start = int(rng.integers(self.vocab_size))
         step = int(rng.integers(1, min(8, self.vocab_size)))
         j = np.arange(self.seq_length + 1, dtype=np.int64)
-        return {"tokens": (start + step * j) % self.vocab_size}
-
-
-def _tokens_of(item) -> np.ndarray:
-    if isinstance(item, dict):
-        for key in ("tokens", "text"):
-            if key in item:
-                return np.asarray(item[key], dtype=np.int64)
-        raise KeyError(f"dataset item has neither 'tokens' nor 'text': keys {sorted(item)}")
-    return np.asarray(item, dtype=np.int64)
+        w = torch.from_numpy((start + step * j) % self.vocab_size)
+        return {"tokens": w[:-1], "labels": w[1:]}
 
 
 def microbatch_indices(
@@ -56,26 +50,23 @@ def microbatch_indices(
     """Sample indices of each of this DP rank's micro-batches for the next global batch."""
     step = micro_batch * dp_size
     return [
-        list(range(consumed + k * step + dp_rank * micro_batch,
-                   consumed + k * step + (dp_rank + 1) * micro_batch))
+        list(
+            range(
+                consumed + k * step + dp_rank * micro_batch,
+                consumed + k * step + (dp_rank + 1) * micro_batch,
+            )
+        )
         for k in range(num_microbatches)
     ]
 
 
 def collate(dataset, indices: list[int], device: Optional[torch.device] = None) -> dict:
-    """Tokens/labels/loss mask/positions ``[b, s]`` for the samples `indices`.
-
-    Each item holds ``seq_length + 1`` tokens: inputs are the first `s`, labels the last `s`.
-    """
+    """``{"tokens", "labels"}`` int64 ``[b, s]`` for the samples `indices` (items hold both)."""
     n = len(dataset)
-    rows = np.stack([_tokens_of(dataset[i % n]) for i in indices])  # wraps past one epoch
-    data = torch.from_numpy(rows)
-    tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    items = [dataset[i % n] for i in indices]  # wraps past the end like a further epoch
     batch = {
-        "tokens": tokens,
-        "labels": labels,
-        "loss_mask": torch.ones(labels.shape, dtype=torch.float32),
-        "position_ids": torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous(),
+        key: torch.stack([torch.as_tensor(it[key], dtype=torch.int64) for it in items])
+        for key in ("tokens", "labels")
     }
     if device is not None and device.type != "cpu":
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

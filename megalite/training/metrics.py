@@ -95,7 +95,7 @@ class Reporter:
             f"skipped {record.get('skipped_iterations', 0)}",
             f"step {record['step_time_s'] * 1000:.1f} ms",
             f"tokens/s {record['tokens_per_sec']:.0f}",
-            f"TFLOP/s/device {fmt('tflops_per_device', '.2f')}",
+            f"TFLOP/s/device {fmt('tflops_per_device', '.3g')}",
             f"MFU {fmt('mfu', '.1%')}",
         ]
         print(" | ".join(parts), flush=True)
