@@ -13,8 +13,9 @@ before the schedule to a barrier after it (so every rank waits for the slowest),
 Theory (Narayanan et al., 2021): per rank the work is m (t_f + t_b) and the pipeline fill and
 drain add (p - 1)(t_f + t_b) for 1F1B and (p - 1)(t_f + t_b) / v interleaved, so the idle
 fraction of the step is (p - 1) / (m + p - 1) and (p - 1) / (v m + p - 1). The measured value
-also contains the real per-step overheads (point-to-point messages, Python), so it sits a
-little above the theory.
+also contains the real overheads that the theory leaves out (each hop's point-to-point latency,
+printed, and Python), so it sits above the theory, more so for the interleaved schedule, which
+makes v times more hops.
 """
 
 from __future__ import annotations
@@ -78,11 +79,27 @@ def _forward_step(data_iterator, model):
     return out, lambda o: (o.mean(), {"lm_loss": o.mean().detach()})
 
 
+def _one_way_latency(rank: int, rounds: int = 50) -> float:
+    """Half the median ping-pong time of one boundary tensor between ranks 0 and 1."""
+    buf, times = torch.zeros(SHAPE), []
+    for _ in range(rounds):
+        dist.barrier()
+        start = time.perf_counter()
+        if rank == 0:
+            dist.send(buf, 1)
+            dist.recv(buf, 1)
+        elif rank == 1:
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+        times.append((time.perf_counter() - start) / 2)
+    return statistics.median(times)
+
+
 def _worker(rank: int, world: int, port: int, args, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = {}
+    results = {"latency": _one_way_latency(rank)}
     for v in (1, args.v):
         ps.initialize_model_parallel(1, world, virtual_pipeline_model_parallel_size=v)
         tf, tb = args.tf_ms / 1000 / v, args.tb_ms / 1000 / v
@@ -139,6 +156,7 @@ def main() -> None:
 
     p, m, v = args.p, args.m, args.v
     print(f"p={p} m={m}, stage forward {args.tf_ms} ms / backward {args.tb_ms} ms, CPU gloo")
+    print(f"one-way p2p latency between stages: {results[0]['latency'] * 1000:.2f} ms")
     print(f"{'schedule':<22}{'measured idle':>15}{'theory':>10}   formula")
     for label, vv, formula in (
         ("1F1B", 1, "(p-1)/(m+p-1)"),
