@@ -76,17 +76,29 @@ def _forward_step(data_iterator, model):
     return out, lambda per_token: (per_token.mean(), {"lm_loss": per_token.mean().detach()})
 
 
-def _run(case: dict):
-    case = dict(case)
-    tp, pp, vpp, zero = case.pop("tp"), case.pop("pp"), case.pop("vpp", None), case.pop("zero")
-    overlap = case.pop("overlap", True)
+def gpt_config(case: dict) -> GPTConfig:
+    """Initialize parallel_state for `case` and return its GPTConfig (case keys popped)."""
+    tp, pp, vpp = case.pop("tp"), case.pop("pp"), case.pop("vpp", None)
     ps.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=vpp)
-    cfg = GPTConfig(
+    return GPTConfig(
         **{**BASE, **case}, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         num_layers_per_virtual_pipeline_stage=BASE["num_layers"] // (pp * vpp) if vpp else None,
     )  # fmt: skip
+
+
+def micro_batches(step: int, cfg: GPTConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This DP rank's M micro-batches of (tokens, labels) from global batch `step`."""
     dp, d = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    ref_losses, ref_norms, ref_params = serial(cfg, dp)
+    mine = batches(step, dp, cfg.vocab_size)[d * M * MB : (d + 1) * M * MB]
+    return [(mine[i * MB : (i + 1) * MB, :-1], mine[i * MB : (i + 1) * MB, 1:]) for i in range(M)]
+
+
+def train_gpt(cfg: GPTConfig, zero: int, overlap: bool = True, steps: int = STEPS):
+    """megalite's own path (schedule + DDP + optimizer); (chunks, DP-mean losses, grad norms).
+
+    Losses are returned on the last pipeline stage only (empty elsewhere).
+    """
+    vpp = cfg.num_layers_per_virtual_pipeline_stage is not None
     chunks = [
         DistributedDataParallel(c, ps.get_data_parallel_group(), 2000, overlap, zero)
         for c in build_model(cfg, SEED)
@@ -94,13 +106,11 @@ def _run(case: dict):
     opt = build_optimizer(
         OptimizerConfig(lr=LR, weight_decay=WD, clip_grad=CLIP, zero_stage=zero), chunks
     )
+    tp = cfg.tensor_model_parallel_size
     s = cfg.seq_length // tp if cfg.sequence_parallel else cfg.seq_length
     losses, norms = [], []
-    for step in range(STEPS):
-        mine = batches(step, dp, cfg.vocab_size)[d * M * MB : (d + 1) * M * MB]
-        micro = [
-            (mine[i * MB : (i + 1) * MB, :-1], mine[i * MB : (i + 1) * MB, 1:]) for i in range(M)
-        ]  # noqa: E501
+    for step in range(steps):
+        micro = micro_batches(step, cfg)
         out = get_forward_backward_func()(
             _forward_step,
             [iter(micro) for _ in chunks] if vpp else iter(micro),
@@ -118,7 +128,16 @@ def _run(case: dict):
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             loss = torch.stack([o["lm_loss"] for o in out]).mean()
             dist.all_reduce(loss, group=ps.get_data_parallel_group())
-            losses.append(loss.item() / dp)
+            losses.append(loss.item() / ps.get_data_parallel_world_size())
+    return chunks, losses, norms
+
+
+def _run(case: dict):
+    case = dict(case)
+    zero, overlap = case.pop("zero"), case.pop("overlap", True)
+    cfg = gpt_config(case)
+    ref_losses, ref_norms, ref_params = serial(cfg, ps.get_data_parallel_world_size())
+    chunks, losses, norms = train_gpt(cfg, zero, overlap)
     assert_close(torch.tensor(norms), torch.tensor(ref_norms), msg=f"norms {case}")
     if losses:
         assert_close(torch.tensor(losses), torch.tensor(ref_losses), msg=f"losses {case}")
