@@ -157,7 +157,23 @@ def _run_pipelined(num_layers, pp, vpp, m):
     assert finalized == [chunks], "finalize_model_grads_func must get the model chunks once"
     assert all(c.live == 0 for c in chunks), "every forward needs its backward"
     loss = torch.stack([d["lm_loss"] for d in losses]) if losses else None
-    return loss, _grads(chunks), max(c.peak for c in chunks), fb.__name__
+    grads, peak = _grads(chunks), max(c.peak for c in chunks)
+    # Evaluation through the same schedule: the same losses, no gradient touched.
+    data = [iter(_batches(m)) for _ in chunks]
+    evaluated = fb(
+        _forward_step,
+        data if vpp else data[0],
+        chunks if vpp else chunks[0],
+        m,
+        tensor_shape=(S, B, H),
+        forward_only=True,
+        finalize_model_grads_func=finalized.append,
+    )
+    assert [d["lm_loss"] for d in evaluated] == [d["lm_loss"] for d in losses]
+    assert len(finalized) == 1 and _grads(chunks).keys() == grads.keys()
+    for key, grad in _grads(chunks).items():
+        assert torch.equal(grad, grads[key]), key
+    return loss, grads, peak, fb.__name__
 
 
 def _check_schedules(cases):
