@@ -25,6 +25,7 @@ from tests.harness import run_distributed
 from tests.test_dp_gpt import CLIP, LR, MB, SEED, WD, M, gpt_config, micro_batches, train_gpt
 
 pytest.importorskip("deepspeed")
+from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 STEPS = 5
@@ -89,6 +90,12 @@ def _tp_and_refusals():
     cfg = gpt_config(dict(tp=1, pp=2))
     with pytest.raises(DeepSpeedLayoutError, match="got pipeline-model-parallel size 2"):
         initialize_deepspeed(build_model(cfg, SEED)[0], {"zero_optimization": {"stage": 1}})
+    ps.destroy_model_parallel()
+    model = build_model(gpt_config(dict(tp=1, pp=1)), SEED)[0]
+    if not get_accelerator().is_fp16_supported():  # DS_ACCELERATOR=cpu
+        fp16 = {"zero_optimization": {"stage": 1}, "fp16": {"enabled": True}}
+        with pytest.raises(DeepSpeedLayoutError, match="does not support fp16: use --bf16"):
+            initialize_deepspeed(model, fp16)
     with pytest.raises(DeepSpeedLayoutError, match="train_batch_size is 99"):
         deepspeed_config_for({"train_batch_size": 99}, 1, 8)
     return ref

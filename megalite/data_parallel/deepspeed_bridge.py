@@ -14,7 +14,8 @@ schedules), and that engine does not support ZeRO-2/3 at all; for PP > 1 use meg
 distributed optimizer (``--zero-stage 1|2`` / ``--use-distributed-optimizer``).
 
 On CPU run with ``DS_ACCELERATOR=cpu`` (DeepSpeed then talks gloo through torch.distributed,
-which megalite has already initialized). DeepSpeed 0.19's CPU backend JIT-compiles a
+which megalite has already initialized); there DeepSpeed trains in fp32 or bf16, and fp16 is
+refused up front with the alternatives. DeepSpeed 0.19's CPU backend JIT-compiles a
 shared-memory all-reduce op (about a minute of C++ build on a fresh machine) that only its
 *inference* all-reduce uses; training never calls it, so the bridge marks that op unavailable
 before DeepSpeed's communication backend starts (``MEGALITE_DS_SHM_COMM=1`` keeps it).
@@ -130,6 +131,18 @@ def _skip_cpu_inference_shm_op() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def _check_precision(cfg: dict) -> None:
+    """fp16 on an accelerator without it (DeepSpeed's CPU one): say what works instead."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if cfg.get("fp16", {}).get("enabled") and not acc.is_fp16_supported():
+        raise DeepSpeedLayoutError(
+            f"DeepSpeed's {acc.device_name()} accelerator does not support fp16: use --bf16 "
+            f"with --deepspeed, or --fp16 without --deepspeed (megalite's own loss scaling)"
+        )
+
+
 def initialize_deepspeed(
     model: torch.nn.Module,
     ds_config: Union[str, os.PathLike, dict],
@@ -149,6 +162,7 @@ def initialize_deepspeed(
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     check_deepspeed_layout(parallel_state.get_pipeline_model_parallel_world_size(), stage)
     _skip_cpu_inference_shm_op()
+    _check_precision(cfg)
     optimizer, groups = None, None
     if "optimizer" in cfg:
         wd = cfg["optimizer"].get("params", {}).get("weight_decay", 0.0)
