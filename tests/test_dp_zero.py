@@ -170,3 +170,21 @@ def test_param_groups_skip_decay_on_bias_and_norm():
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert [p.dim() for p in groups[0]["params"]] == [2, 2]
     assert len(groups[1]["params"]) == 4  # fc1.bias, norm.weight, norm.bias, fc2.bias
+
+
+def test_norm_helpers_single_process():
+    from megalite.data_parallel import clip_grads
+
+    a, b = torch.tensor([3.0, -4.0]), torch.tensor([12.0])
+    assert clip_grads.global_grad_norm([a, b]) == pytest.approx(13.0)
+    assert clip_grads.global_grad_norm([a, b], norm_type=float("inf")) == 12.0
+    assert clip_grads.clip_grads_by_norm_([a, b], 6.5, 13.0) == pytest.approx(0.5, rel=1e-6)
+    assert torch.allclose(a, torch.tensor([1.5, -2.0]))
+    assert clip_grads.count_zeros([torch.tensor([0.0, 1.0, 0.0])]) == 2
+    p = nn.Parameter(torch.zeros(2))
+    assert clip_grads.counts_in_norm(p, tp_rank=0, is_first_stage=False)
+    assert not clip_grads.counts_in_norm(p, tp_rank=1, is_first_stage=True)  # TP-replicated
+    p.tensor_model_parallel = True
+    assert clip_grads.counts_in_norm(p, tp_rank=1, is_first_stage=True)
+    p.shared_embedding = True
+    assert not clip_grads.counts_in_norm(p, tp_rank=0, is_first_stage=False)  # last-stage copy

@@ -22,6 +22,14 @@ import torch
 import torch.distributed as dist
 
 
+def comm_device(group=None) -> torch.device:
+    """Where a small tensor must live to go through `group`'s backend (NCCL: the current GPU)."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def counts_in_norm(param: torch.nn.Parameter, tp_rank: int, is_first_stage: bool) -> bool:
     """Whether this rank's copy of `param` is the one that counts in the global norm."""
     if getattr(param, "shared_embedding", False) and not is_first_stage:
@@ -38,16 +46,15 @@ def global_grad_norm(
     turn (SUM, or MAX for the inf-norm), e.g. ``[dp_group, model_parallel_group]`` under ZeRO.
     """
     grads = [g for g in grads if g.numel()]
+    # One scalar per rank goes over the wire; it lives where the groups' backend wants it.
+    total = torch.zeros(1, dtype=torch.float32, device=comm_device(groups[0] if groups else None))
     if norm_type == float("inf"):
-        local = max((g.detach().abs().max().float() for g in grads), default=torch.tensor(0.0))
-        total = torch.as_tensor(local, dtype=torch.float32).reshape(1).clone()
+        for g in grads:
+            total = torch.maximum(total, g.detach().abs().max().float().to(total.device))
         op = dist.ReduceOp.MAX
     else:
-        # Sum in fp32 (fp64 accumulators would not change the answer at our tolerances and
-        # cost bandwidth on GPUs); one scalar per rank goes over the wire.
-        total = torch.zeros(1, dtype=torch.float32)
         for g in grads:
-            total += g.detach().float().norm(norm_type).cpu() ** norm_type
+            total += g.detach().float().norm(norm_type).to(total.device) ** norm_type
         op = dist.ReduceOp.SUM
     if dist.is_available() and dist.is_initialized():
         for group in groups:
@@ -74,7 +81,7 @@ def clip_grads_by_norm_(grads: Iterable[torch.Tensor], max_norm: float, total_no
 
 def count_zeros(grads: Iterable[torch.Tensor], groups: Sequence = ()) -> int:
     """Number of exactly-zero gradient entries over every rank of `groups`."""
-    total = torch.zeros(1, dtype=torch.float64)
+    total = torch.zeros(1, dtype=torch.float64, device=comm_device(groups[0] if groups else None))
     for g in grads:
         total += float(g.numel() - torch.count_nonzero(g).item())
     if dist.is_available() and dist.is_initialized():

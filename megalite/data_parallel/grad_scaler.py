@@ -15,6 +15,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from megalite.data_parallel.clip_grads import comm_device
+
 
 def found_inf_anywhere(grads: Iterable[torch.Tensor], group=None) -> bool:
     """True when any of `grads` on any rank of `group` (default: the world) is inf or nan.
@@ -22,7 +24,7 @@ def found_inf_anywhere(grads: Iterable[torch.Tensor], group=None) -> bool:
     Each rank checks its own gradients (its TP/PP part, its ZeRO shard); a MAX all-reduce makes
     the answer the same everywhere, so no rank steps while another skips.
     """
-    found = torch.zeros(1, dtype=torch.float32)
+    found = torch.zeros(1, dtype=torch.float32, device=comm_device(group))
     for g in grads:
         if g.numel() and not torch.isfinite(g).all():
             found.fill_(1.0)
