@@ -20,8 +20,8 @@ Buckets are filled in reverse parameter order (roughly the order backward produc
 With ``overlap_grad_reduce`` a bucket's reduction is launched (async) by the hook of the last of
 its parameters, so communication overlaps the rest of the backward pass; otherwise everything
 is launched by `finish_grad_sync`. A gradient that arrives for a bucket already launched in
-this window (a micro-batch accumulated outside `no_sync`, or the interleaved schedule, which
-leaves `no_sync` once for all chunks while some still have micro-batches to go) *reopens* it:
+this window (a micro-batch accumulated outside `no_sync`, or a schedule that leaves `no_sync`
+for a chunk that still has micro-batches to go) *reopens* it:
 the reduction is waited for and the new gradient is reduced on top of it at the next launch.
 Averaging is linear, so the result is exact; only communication is repeated.
 
