@@ -23,7 +23,7 @@ deadlock on send-before-receive ordering (the trap of blocking gloo ``send``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,15 @@ FORWARD_TAG = 1
 BACKWARD_TAG = 2
 
 Shape = tuple[int, ...]
+
+
+class P2POp(NamedTuple):
+    """One send (`is_send`) or receive of `tensor` to / from global rank `peer`."""
+
+    is_send: bool
+    tensor: torch.Tensor
+    peer: int
+    tag: int
 
 
 @dataclass
@@ -43,6 +52,9 @@ class PipelineLinks:
     next_rank: int
     stage: int
     num_stages: int
+    transport: Optional[Callable[[list[P2POp]], None]] = None
+    """Stand-in for torch.distributed (in-process simulation, see `timeline`): performs a list
+    of `P2POp` (sends, and receives that it fills in place) and returns when all are done."""
 
     @classmethod
     def from_parallel_state(cls) -> PipelineLinks:
@@ -104,17 +116,25 @@ class StageP2P:
         from_prev = from_next = None
         ops = []
         if send_next is not None:
-            ops.append(_send(send_next, links.next_rank, links.group, FORWARD_TAG))
+            # A stage output may be a non-contiguous view; the wire needs contiguous memory.
+            ops.append(P2POp(True, send_next.detach().contiguous(), links.next_rank, FORWARD_TAG))
         if recv_prev:
             from_prev = self._buffer(requires_grad=True)
-            ops.append(_recv(from_prev, links.prev_rank, links.group, FORWARD_TAG))
+            ops.append(P2POp(False, from_prev, links.prev_rank, FORWARD_TAG))
         if send_prev is not None:
-            ops.append(_send(send_prev, links.prev_rank, links.group, BACKWARD_TAG))
+            ops.append(P2POp(True, send_prev.detach().contiguous(), links.prev_rank, BACKWARD_TAG))
         if recv_next:
             from_next = self._buffer(requires_grad=False)
-            ops.append(_recv(from_next, links.next_rank, links.group, BACKWARD_TAG))
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
+            ops.append(P2POp(False, from_next, links.next_rank, BACKWARD_TAG))
+        if ops and links.transport is not None:
+            links.transport(ops)
+        elif ops:
+            batch = [
+                dist.P2POp(dist.isend if op.is_send else dist.irecv, op.tensor, op.peer,
+                           links.group, op.tag)
+                for op in ops
+            ]  # fmt: skip
+            for req in dist.batch_isend_irecv(batch):
                 req.wait()
         return from_prev, from_next
 
@@ -168,12 +188,3 @@ def _warm_up(group) -> None:
     if dist.get_backend(group) == "nccl":
         dist.barrier(group=group)
     _WARM.append(group)
-
-
-def _send(tensor: torch.Tensor, peer: int, group, tag: int) -> dist.P2POp:
-    # A stage output may be a non-contiguous view; the wire needs contiguous memory.
-    return dist.P2POp(dist.isend, tensor.detach().contiguous(), peer, group, tag)
-
-
-def _recv(tensor: torch.Tensor, peer: int, group, tag: int) -> dist.P2POp:
-    return dist.P2POp(dist.irecv, tensor, peer, group, tag)
