@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from megalite.data.indexed_dataset import _Growable
-from megalite.data.tokenizers import Tokenizer, gather_segments, ragged
+from megalite.data.tokenizers import Tokenizer, gather_segments, merge_groups, ragged
 
 _EOD_KEY = -1  # the memo key of the eod "chunk"; every real key is bytes, so it cannot clash
 
@@ -39,16 +39,22 @@ class ChunkCache:
 
     Holds ``pool`` (int32 tokens of every known chunk back to back) with per-chunk ``offsets``
     and ``lengths`` indexed by the chunk's id. Past ``max_chunks`` distinct chunks it starts over
-    empty, so memory stays flat however large and varied the corpus is.
+    empty, so memory stays flat however large and varied the corpus is. When the splitter has a
+    ``refine`` splitter, chunks seen for the first time are encoded through a second cache over
+    their finer pieces (for byte-level BPE: "foo.bar(x)" -> "foo", ".", "bar", "(", "x", ")"),
+    so the tokenizer itself only sees pieces never seen before.
     """
 
-    def __init__(self, tokenizer: Tokenizer, max_chunks: int = 1 << 20):
-        splitter = tokenizer.exact_splitter()
+    def __init__(self, tokenizer: Tokenizer, max_chunks: int = 1 << 20, splitter=None):
+        splitter = splitter or tokenizer.exact_splitter()
         if splitter is None:
             raise ValueError(f"{type(tokenizer).__name__}: no exact splitter for this tokenizer")
         self.splitter = splitter
         self.tokenizer = tokenizer
         self.max_chunks = max_chunks
+        self.inner = None
+        if splitter.refine is not None:
+            self.inner = ChunkCache(tokenizer, max_chunks, splitter.refine)
         self._reset()
 
     def _reset(self) -> None:
@@ -58,22 +64,51 @@ class ChunkCache:
         self.lengths = _Growable(np.int32)
 
     def _add_new(self) -> None:
-        """Encode the chunks first seen in this block (one batched call) and pool their tokens."""
+        """Encode the keys first seen in this block and pool their tokens, in id order.
+
+        Keys: bytes chunks (through the refining cache, or the splitter's batched encode),
+        ``(text,)`` documents the splitter does not cover (the tokenizer's own encode), and the
+        eod key.
+        """
         new, self.memo.new = self.memo.new, []
         if not new:
             return
-        texts = [k for k in new if k != _EOD_KEY]
-        tokens, lengths = self.splitter.encode(texts)
-        if len(texts) < len(new):  # the eod "chunk" is new too: keep the memo's id order
-            at = new.index(_EOD_KEY)
-            starts = np.cumsum(lengths) - lengths
-            starts = np.insert(starts, at, len(tokens))
-            lengths = np.insert(lengths, at, 1)
-            tokens = np.append(tokens, self.tokenizer.eod)
-            tokens = gather_segments(tokens, starts, lengths)
+        chunks = [i for i, k in enumerate(new) if type(k) is bytes]
+        groups = []
+        if chunks:
+            keys = [new[i] for i in chunks]
+            if self.inner is not None:
+                groups.append((chunks, *self.inner.encode_pieces(keys)))
+            else:
+                groups.append((chunks, *self.splitter.encode(keys)))
+        if len(chunks) < len(new):
+            whole = [i for i, k in enumerate(new) if type(k) is tuple]
+            encoded = self.tokenizer.tokenize_batch([new[i][0] for i in whole])
+            eod = [i for i, k in enumerate(new) if type(k) is int]
+            encoded += [[self.tokenizer.eod]] * len(eod)
+            groups.append((whole + eod, *ragged(encoded)))
+        tokens, lengths = merge_groups(groups, len(new))
         self.offsets.extend(len(self.pool) + np.cumsum(lengths) - lengths)
         self.lengths.extend(lengths)
         self.pool.extend(tokens)
+
+    def _gather(self, ids, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of the chunk ids ``ids`` and their per-document totals (``counts`` ids each)."""
+        self._add_new()
+        ids = np.asarray(ids, dtype=np.int64)
+        lens = self.lengths.view()[ids].astype(np.int64)
+        tokens = gather_segments(self.pool.view(), self.offsets.view()[ids], lens)
+        ends = np.concatenate([[0], np.cumsum(lens)])
+        doc_ends = ends[np.cumsum(counts)]
+        return tokens, np.diff(np.concatenate([[0], doc_ends]))
+
+    def encode_pieces(self, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, lengths) of each blob, cut by this cache's splitter (a ``refine`` one, whose
+        ``split(blobs, memo_get)`` returns the piece ids of all blobs and their counts)."""
+        if len(self.memo) > self.max_chunks:
+            self._reset()
+        ids, counts = self.splitter.split(blobs, self.memo.__getitem__)
+        return self._gather(ids, counts)
 
     def encode(self, texts: list[str], append_eod: bool) -> tuple[np.ndarray, np.ndarray]:
         """Encode documents; returns (tokens [sum(lengths)] int32, lengths [len(texts)] int64).
@@ -83,32 +118,24 @@ class ChunkCache:
         """
         if len(self.memo) > self.max_chunks:
             self._reset()
-        get = self.memo.__getitem__
-        split = self.splitter.split
+        get, split = self.memo.__getitem__, self.splitter.split
         flat: list[int] = []
         counts = np.zeros(len(texts), dtype=np.int64)
         for d, text in enumerate(texts):
             chunks = split(text)
             if chunks is None:  # a character the splitter's argument does not cover
-                chunks = [text.encode("utf-8")]
+                chunks = [(text,)]
             if chunks:
                 n = len(flat)
                 flat += map(get, chunks)
                 if append_eod:
                     flat.append(get(_EOD_KEY))
                 counts[d] = len(flat) - n
-        self._add_new()
-        ids = np.array(flat, dtype=np.int64)
-        lens = self.lengths.view()[ids].astype(np.int64)
-        tokens = gather_segments(self.pool.view(), self.offsets.view()[ids], lens)
-        ends = np.cumsum(lens)
-        chunk_ends = np.cumsum(counts)
-        tok_ends = np.concatenate([[0], ends])[chunk_ends]
-        lengths = np.diff(np.concatenate([[0], tok_ends]))
+        tokens, lengths = self._gather(flat, counts)
         if append_eod:
             only_eod = np.flatnonzero(lengths == 1)
             if len(only_eod):  # chunks that encode to nothing: drop the lone eod after them
-                tokens = np.delete(tokens, tok_ends[only_eod] - 1)
+                tokens = np.delete(tokens, np.cumsum(lengths)[only_eod] - 1)
                 lengths[only_eod] = 0
         return tokens, lengths
 

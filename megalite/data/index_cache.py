@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from typing import Callable, Optional
 
@@ -84,11 +85,13 @@ def cached_arrays(
 
 
 def _timed_build(description: dict, build: Callable[[], dict[str, np.ndarray]]):
+    """Build, telling the user (stderr) what is being built and how long it took."""
     start = time.perf_counter()
     what = description.get("name", "indices")
-    log.info("building %s ...", what)
+    print(f"building {what} ...", file=sys.stderr, flush=True)
     arrays = build()
-    log.info("built %s in %.2f s", what, time.perf_counter() - start)
+    took = time.perf_counter() - start
+    print(f"built {what} in {took:.2f} s", file=sys.stderr, flush=True)
     return arrays
 
 

@@ -281,6 +281,10 @@ class IndexedDataset:
             )
         self._bin = _map(bin_path)
 
+    def __reduce__(self):
+        # mmaps do not pickle: a DataLoader worker started with "spawn" reopens the files.
+        return (IndexedDataset, (self.prefix,))
+
     def __len__(self) -> int:
         return len(self.sequence_lengths)
 

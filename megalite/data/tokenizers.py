@@ -71,15 +71,20 @@ class ExactSplitter:
     ``None`` when this document holds a character the argument does not cover (the caller then
     encodes it whole). ``encode(chunks) -> (tokens, lengths)``: each chunk encoded on its own,
     as flat int64 tokens [sum(lengths)] and int64 lengths [len(chunks)], in input order.
+    ``refine``: optionally, an ExactSplitter that cuts new chunks into smaller exact pieces
+    (cheaper to memoise: they repeat more); its ``split(chunks, memo_get)`` returns the memo ids
+    of all pieces (int64, in order) and the piece count of each chunk.
     """
 
     def __init__(
         self,
         split: Callable[[str], Optional[list[bytes]]],
         encode: Callable[[list[bytes]], tuple[np.ndarray, np.ndarray]],
+        refine: Optional[ExactSplitter] = None,
     ):
         self.split = split
         self.encode = encode
+        self.refine = refine  # optional finer splitter (bytes -> pieces) for new chunks
 
 
 class Tokenizer:
@@ -239,6 +244,75 @@ _BYTE_LEVEL_CHUNK = re.compile(
 )
 
 
+# Within an ASCII chunk: the byte-level regex itself (\p{L} = [A-Za-z], \p{N} = [0-9] there).
+_BYTE_LEVEL_PIECES = re.compile(
+    rb"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"
+)
+_WS_BYTES = frozenset(_ASCII_WS.encode())
+
+
+def _byte_level_pieces(chunks: list[bytes], get) -> tuple[np.ndarray, np.ndarray]:
+    """Memo ids of the pre-token pieces of byte-level chunks, and the piece count per chunk.
+
+    ASCII chunks that end with a non-space (`` ?\\S+``) are joined with "\\n" and split by one
+    regex call: "\\n" then always stands alone as a pre-token, marking where a chunk ends.
+    Whitespace chunks are one pre-token each; chunks with non-ASCII letters stay whole.
+    """
+    words = [i for i, c in enumerate(chunks) if c[-1] not in _WS_BYTES and c.isascii()]
+    whole = sorted(set(range(len(chunks))) - set(words)) if len(words) < len(chunks) else []
+    items = _BYTE_LEVEL_PIECES.findall(b"\n".join([chunks[i] for i in words]))
+    ids = np.fromiter(map(get, items), np.int64, len(items))
+    sep = ids == get(b"\n")
+    counts = np.bincount(np.cumsum(sep)[~sep], minlength=len(words)).astype(np.int64)
+    ids_whole = np.fromiter(map(get, [chunks[i] for i in whole]), np.int64, len(whole))
+    ones = np.ones(len(whole), dtype=np.int64)
+    return merge_groups([(words, ids[~sep], counts), (whole, ids_whole, ones)], len(chunks))
+
+
+_GLUE = re.compile(rb" ?[^\t\n\x0b\x0c\r ](?:.*[^\t\n\x0b\x0c\r ])?", re.S)
+
+
+def _byte_level_encode(tok, chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Encode byte-level chunks (each a run of whole pre-tokens) with few tokenizer calls.
+
+    One Encoding per chunk costs ~15 us of overhead, so chunks are glued with "\n" between
+    them: when a chunk ends with a non-space and starts with a non-space (or one space and a
+    non-space), the "\n" is a pre-token of its own on both sides, whose one token is dropped
+    again; token offsets tell which chunk each remaining token came from. Other chunks
+    (whitespace runs) are encoded one by one. Returns (tokens, lengths) in input order.
+    """
+    glue = [i for i, c in enumerate(chunks) if _GLUE.fullmatch(c)]
+    rest = sorted(set(range(len(chunks))) - set(glue)) if len(glue) < len(chunks) else []
+    groups = []
+    if glue:
+        blob = b"\n".join([chunks[i] for i in glue])
+        # character index of every byte: count the non-continuation bytes before it
+        is_char = (np.frombuffer(blob, dtype=np.uint8) & 0xC0) != 0x80
+        char_at = np.concatenate([[0], np.cumsum(is_char)])
+        byte_len = np.fromiter(map(len, (chunks[i] for i in glue)), np.int64, len(glue))
+        byte_start = np.cumsum(byte_len + 1) - byte_len - 1
+        char_start = char_at[byte_start]
+        # ~8 KB per encode call: one huge string is twice as slow; cut at a separator
+        first_chunk = np.flatnonzero(np.diff(byte_start // 8192, prepend=-1))
+        bounds = np.append(char_start[first_chunk], char_at[-1] + 1).tolist()
+        text = blob.decode("utf-8")
+        pieces = [text[a : b - 1] for a, b in zip(bounds[:-1], bounds[1:])]
+        encs = tok.encode_batch(pieces, add_special_tokens=False)
+        ids = np.fromiter(chain.from_iterable(e.ids for e in encs), np.int64)
+        first = np.fromiter(
+            (o[0] + base for e, base in zip(encs, bounds) for o in e.offsets), np.int64
+        )
+        owner = np.searchsorted(char_start, first, side="right") - 1
+        # a token starting at or after its owner's end is a separator "\n"
+        keep = first < char_at[byte_start + byte_len][owner]
+        owner, ids = owner[keep], ids[keep]
+        groups.append((glue, ids, np.bincount(owner, minlength=len(glue)).astype(np.int64)))
+    if rest:
+        encs = tok.encode_batch([chunks[i].decode("utf-8") for i in rest], add_special_tokens=False)
+        groups.append((rest, *ragged([e.ids for e in encs])))
+    return merge_groups(groups, len(chunks))
+
+
 class HuggingFaceTokenizer(Tokenizer):
     """A local ``tokenizer.json`` (or a folder holding one), read with the ``tokenizers`` library.
 
@@ -327,40 +401,10 @@ class HuggingFaceTokenizer(Tokenizer):
                 return None
             return _BYTE_LEVEL_CHUNK.findall(text.encode("utf-8"))
 
-        ws = frozenset(_ASCII_WS.encode())
-
         def encode(chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-            # One Encoding per chunk costs ~15 us of overhead. Chunks that start with whitespace
-            # and end without it can be glued together: every junction is then a cut point of
-            # the argument above, so one encode of the glued text gives all of them, and the
-            # token offsets tell which chunk each token came from.
-            glue = [i for i, c in enumerate(chunks) if c[0] in ws and c[-1] not in ws]
-            rest = sorted(set(range(len(chunks))) - set(glue)) if len(glue) < len(chunks) else []
-            blob = b"".join([chunks[i] for i in glue])
-            # character index of each chunk start: count the non-continuation bytes before it
-            is_char = (np.frombuffer(blob, dtype=np.uint8) & 0xC0) != 0x80
-            char_at = np.concatenate([[0], np.cumsum(is_char)])
-            byte_len = np.fromiter(map(len, (chunks[i] for i in glue)), np.int64, len(glue))
-            byte_start = np.cumsum(byte_len) - byte_len
-            char_start = char_at[byte_start]
-            # Encode the glued text in pieces of ~8 KB: one huge string is twice as slow.
-            first_chunk = np.flatnonzero(np.diff(byte_start // 8192, prepend=-1))
-            bounds = np.append(char_start[first_chunk], char_at[-1]).tolist()
-            text = blob.decode("utf-8")
-            pieces = [text[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-            encs = tok.encode_batch(pieces, add_special_tokens=False)
-            tok_g = np.fromiter(chain.from_iterable(e.ids for e in encs), np.int64)
-            first = np.fromiter(
-                (o[0] + base for e, base in zip(encs, bounds) for o in e.offsets), np.int64
-            )
-            owner = np.searchsorted(char_start, first, side="right") - 1
-            len_g = np.bincount(owner, minlength=len(glue)).astype(np.int64)
-            texts = [chunks[i].decode("utf-8") for i in rest]
-            encs = tok.encode_batch(texts, add_special_tokens=False)
-            tok_r, len_r = ragged([e.ids for e in encs])
-            return merge_groups([(glue, tok_g, len_g), (rest, tok_r, len_r)], len(chunks))
+            return _byte_level_encode(tok, chunks)
 
-        return ExactSplitter(split, encode)
+        return ExactSplitter(split, encode, ExactSplitter(_byte_level_pieces, encode))
 
 
 class GPT2BPETokenizer(HuggingFaceTokenizer):
