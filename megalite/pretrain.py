@@ -38,6 +38,7 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
     from megalite.training.arguments import validate_args
     from megalite.training.trainer import Trainer
 
+    owns_process_group = not dist.is_initialized()  # tests may call us inside a live group
     init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
     rank = dist.get_rank()
     status = 0
@@ -60,8 +61,9 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
         )
         if not isinstance(e, KeyboardInterrupt):
             traceback.print_exc()
-    if status == 0:
+    if status == 0 or not owns_process_group:
         ps.destroy_model_parallel()
+    if status == 0 and owns_process_group:
         dist.destroy_process_group()
     return status
 
