@@ -108,6 +108,17 @@ def test_output_shapes():
     )
 
 
+@pytest.mark.parametrize("kw", [{}, MODERN])
+def test_bf16_parameters_train_in_bf16(kw):
+    model = _serial(**kw, params_dtype=torch.bfloat16)
+    tokens, labels = _batch()
+    loss = model(tokens, labels)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()  # fp32 cross-entropy
+    loss.mean().backward()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
 def test_fused_qkv_follows_the_documented_gqa_layout():
     # Rebuild attention by hand from the fused weight, read with the layout in transformer.py:
     # per query group g: [q(g, 0..n/g-1), k(g), v(g)]; query head j uses group j // (n/g).

@@ -80,9 +80,12 @@ def rope_cache(config: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tens
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``[s, b, heads, d]`` by position: ``x * cos + rotate_half(x) * sin``."""
+    """Rotate ``[s, b, heads, d]`` by position: ``x * cos + rotate_half(x) * sin``.
+
+    cos/sin are cast to x's dtype (Megatron-core does the same), so bf16 stays bf16.
+    """
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
 class SelfAttention(nn.Module):
