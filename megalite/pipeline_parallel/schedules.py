@@ -51,7 +51,11 @@ Model = Union[nn.Module, list[nn.Module]]
 
 # --- the pieces every schedule shares ---------------------------------------------------------
 def deallocate_output_tensor(out: Optional[torch.Tensor]) -> None:
-    """Free an already-sent output's values, keeping its ``grad_fn`` for the backward."""
+    """Free an already-sent output's values, keeping its ``grad_fn`` for the backward.
+
+    Only valid when the op that made `out` did not save `out` itself for its backward (tanh,
+    sigmoid and exp do): GPT stages end with a residual add, which saves nothing.
+    """
     if out is None:
         return
     if out._base is not None:
