@@ -53,7 +53,8 @@ def cached_arrays(
 
     Files: ``{cache_dir}/{hash}-{name}.npy`` plus ``{hash}-description.json`` for humans.
     ``is_builder()``: whether this rank builds and saves when the files are missing (default:
-    yes); ``barrier()``: called by every rank between building and loading (default: no-op).
+    yes); ``barrier()``: called once by every rank, always, between building and loading (default:
+    no-op).
     """
     is_builder = is_builder or (lambda: True)
     barrier = barrier or (lambda: None)
@@ -75,8 +76,9 @@ def cached_arrays(
                 log.warning(
                     "cannot write index cache in %s (%s): keeping it in memory", cache_dir, e
                 )
-    if not have:
-        barrier()
+    # Every rank must call barrier() the same number of times: deciding by `have` would let a
+    # rank that arrives after the builder saved the files skip it and deadlock the builder.
+    barrier()
     if paths and all(os.path.exists(p) for p in paths.values()):
         if have:
             log.info("loading index cache %s/%s-*.npy", cache_dir, key)
