@@ -212,20 +212,31 @@ def _peaks(m):
     ps.initialize_model_parallel(1, 4)
     links = PipelineLinks.from_parallel_state()
     chunk = _stage_chunks(8, 4, 1, links.stage)[0]
+    outputs, held = [], []
+
+    def recording_step(data_iterator, model):
+        # Values of earlier outputs still in memory when a new forward starts: the schedule
+        # frees each output once sent, so none should be (the last stage keeps its losses).
+        held.append(sum(o.numel() for o in outputs if o.numel() > 1))
+        out, loss_func = _forward_step(data_iterator, model)
+        outputs.append(out)
+        return out, loss_func
+
     forward_backward_pipelining_without_interleaving(
-        _forward_step, iter(_batches(m)), chunk, m, tensor_shape=(S, B, H)
+        recording_step, iter(_batches(m)), chunk, m, tensor_shape=(S, B, H)
     )
     one_f_one_b = chunk.peak
     gpipe = _gpipe(_stage_chunks(8, 4, 1, links.stage)[0], links, m)
-    return one_f_one_b, gpipe
+    return one_f_one_b, gpipe, max(held), links.is_last
 
 
 def test_1f1b_holds_at_most_p_microbatches_where_gpipe_holds_m():
     # world size 4, PP=4, m=8 micro-batches.
     p, m = 4, 8
-    for rank, (one_f_one_b, gpipe) in enumerate(run_distributed(4, _peaks, m)):
+    for rank, (one_f_one_b, gpipe, held, last) in enumerate(run_distributed(4, _peaks, m)):
         assert one_f_one_b == p - rank <= p
         assert gpipe == m
+        assert held == 0 or last, f"rank {rank} kept {held} values of sent outputs"
 
 
 def _hooks_and_forward_only():
