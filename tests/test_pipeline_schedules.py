@@ -304,3 +304,25 @@ def test_interleaved_refuses_bad_microbatch_counts_before_any_work():
         )
     with pytest.raises(ValueError, match="num_microbatches must be an integer >= 1, got 0"):
         forward_backward_no_pipelining(_forward_step, iter([]), chunks[0], 0)
+
+
+def _both_directions_one_peer():
+    # PP=2 wraps around: the previous and the next stage are the same rank. An activation and
+    # a gradient cross in both directions in one exchange and must not be mixed up.
+    ps.initialize_model_parallel(1, 2)
+    links = PipelineLinks.from_parallel_state()
+    r = links.stage
+    act, grad = torch.full((S, B, H), 10.0 + r), torch.full((S, B, H), 20.0 + r)
+    from_prev, from_next = StageP2P(links, (S, B, H)).exchange(
+        send_next=act, send_prev=grad, recv_prev=True, recv_next=True
+    )
+    return from_prev.requires_grad, from_prev.unique().item(), from_next.unique().item()
+
+
+def test_p2p_keeps_activations_and_gradients_apart_when_prev_is_next():
+    # world size 2, PP=2.
+    for rank, (needs_grad, activation, gradient) in enumerate(
+        run_distributed(2, _both_directions_one_peer)
+    ):
+        other = 1 - rank
+        assert needs_grad and activation == 10.0 + other and gradient == 20.0 + other
