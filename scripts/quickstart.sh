@@ -37,7 +37,7 @@ TRAIN=(--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --zero-st
   --data-path "$QS/corpus_text_document" --split 98,2,0 --data-cache-path "$QS/cache"
   --tokenizer-type SentencePieceTokenizer --tokenizer-model "$QS/tok.model"
   --save "$QS/ckpt" --load "$QS/ckpt" --save-interval 100000
-  --log-interval 20 --eval-interval 100 --eval-iters 2
+  --log-interval 20 --eval-interval 100 --eval-iters 2 --distributed-timeout-minutes 3
   --tensorboard-dir "$QS/tensorboard" --metrics-file "$QS/metrics.jsonl")
 run() { python -m torch.distributed.run --standalone --nproc-per-node 8 -m megalite.pretrain "$@"; }
 

@@ -71,9 +71,9 @@ def _worker(rank: int, world_size: int, port: int, tasks, results, stack_dir: st
             results.put((rank, False, traceback.format_exc()))
         finally:
             parallel_state.destroy_model_parallel()
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
+    # Leave without tearing the process group down: its destructor can block on peers that
+    # already left, and the pool is going away anyway.
+    os._exit(0)
 
 
 class Pool:
@@ -148,8 +148,9 @@ class Pool:
         if not force:
             for q in self.tasks:
                 q.put(None)
+            deadline = time.monotonic() + 10
             for p in self.procs:
-                p.join(10)
+                p.join(max(0.0, deadline - time.monotonic()))
         for p in self.procs:
             if p.is_alive():
                 p.kill()

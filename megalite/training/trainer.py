@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
+import socket
 import time
 from typing import Optional
 
@@ -33,6 +35,11 @@ from megalite.training import checkpointing as ckpt
 from megalite.training.data import MockGPTDataset, microbatch_iterator
 from megalite.training.lr_schedule import LRSchedule
 from megalite.training.metrics import Reporter, device_peak_tflops
+
+
+def _node_name() -> str:
+    """Slurm's node name when under Slurm (simulated nodes share one hostname), else the host."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 class TrainingError(RuntimeError):
@@ -380,6 +387,8 @@ class Trainer:
             f"{a.num_microbatches} micro-batches of {a.micro_batch_size}, "
             f"iterations {self.iteration}..{last}"
         )
+        self._say("placement: " + self._placement())
+        start_iteration = self.iteration
         saved_at = self.iteration if a.load else None
         while self.iteration < last:
             lr = self.schedule.lr(self.iteration)
@@ -410,6 +419,24 @@ class Trainer:
         if a.save and saved_at != self.iteration:
             self.save()
         self.reporter.close()
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one line per node: proof it stepped
+            print(
+                f"node {_node_name()}: rank {self.rank} finished iterations "
+                f"{start_iteration + 1}..{self.iteration}",
+                flush=True,
+            )
+
+    def _placement(self) -> str:
+        """Which node holds which ranks, e.g. ``n1: ranks 0-3; n2: ranks 4-7``."""
+        nodes: list = [None] * dist.get_world_size()
+        dist.all_gather_object(nodes, _node_name())
+        spans: dict[str, list[int]] = {}
+        for r, n in enumerate(nodes):
+            spans.setdefault(n, []).append(r)
+        return "; ".join(
+            f"{n}: ranks {r[0]}-{r[-1]}" if r == list(range(r[0], r[-1] + 1)) else f"{n}: {r}"
+            for n, r in spans.items()
+        )
 
     def _log(self, loss, lr, grad_norm, skipped, step_time, tokens) -> None:
         if not self.writer:
