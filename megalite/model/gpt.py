@@ -21,6 +21,13 @@ embedding, initialized from the same name (``embedding.word_embeddings.weight``)
 start equal without communication; both carry ``shared_embedding=True`` and their gradients are
 summed over the embedding group each step (`megalite.model.grads.allreduce_embedding_grads`).
 With one stage the output layer simply uses the embedding's weight.
+
+Vocabulary padding (Megatron pads to a multiple of ``make_vocab_size_divisible_by x TP``, so
+the padded size depends on TP) is made invisible: padded rows of the embedding and output
+weights start at zero and padded logits are -inf, so they get no probability and no gradient.
+The model is then the same function at every TP, as layout invariance demands, where Megatron's
+loss would shift slightly with the padding. (Label smoothing over the padded vocabulary would
+see -inf log-probabilities: the model's loss uses none.)
 """
 
 from __future__ import annotations
@@ -61,7 +68,8 @@ class Embedding(nn.Module):
         c = config
         self.word_embeddings = VocabParallelEmbedding(
             c.padded_vocab_size, c.hidden_size, group=tp_group,
-            init_method=init.normal(WORD_EMBEDDING), params_dtype=c.params_dtype, device=device,
+            init_method=init.normal(WORD_EMBEDDING, rows=c.vocab_size),
+            params_dtype=c.params_dtype, device=device,
         )  # fmt: skip
         if c.position_embedding_type == "learned":
             name = "embedding.position_embeddings.weight"
@@ -137,11 +145,20 @@ class GPTModel(nn.Module):
             self.output_layer = ColumnParallelLinear(
                 c.hidden_size, c.padded_vocab_size, group=tp_group, bias=False,
                 # Tied: the same init stream as the word embedding, so the copies start equal.
-                init_method=init.normal(WORD_EMBEDDING if tied else "output_layer.weight"),
+                init_method=init.normal(
+                    WORD_EMBEDDING if tied else "output_layer.weight", rows=c.vocab_size
+                ),
                 sequence_parallel=c.sequence_parallel, gather_output=False,
                 skip_weight_param_allocation=tied and pre_process,
                 params_dtype=c.params_dtype, device=device,
             )  # fmt: skip
+        if post_process:
+            # Logits of vocabulary padding are -inf: padding never gets probability, so layouts
+            # whose TP pads the vocabulary differently still compute the same model.
+            rank = group_rank_and_size(tp_group)[0]
+            per_rank = c.padded_vocab_size // self.tp_size
+            ids = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=device)
+            self.register_buffer("vocab_padding", ids >= c.vocab_size, persistent=False)
         shared = self.shared_embedding_weight() if tied and share_embeddings else None
         if shared is not None:
             shared.shared_embedding = True
@@ -179,6 +196,8 @@ class GPTModel(nn.Module):
         x = self.decoder.final_layernorm(x)
         weight = self.embedding.word_embeddings.weight if self.output_layer.weight is None else None
         logits, _ = self.output_layer(x, weight)  # [s, b, V/tp]
+        if self.config.padded_vocab_size > self.config.vocab_size:
+            logits = logits.masked_fill(self.vocab_padding, float("-inf"))
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         loss = vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group)  # [s, b]

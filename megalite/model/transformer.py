@@ -59,12 +59,17 @@ class ParamInit:
         digest = hashlib.sha256(f"{self.seed}/{name}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
-    def normal(self, name: str, scaled: bool = False) -> InitMethod:
+    def normal(self, name: str, scaled: bool = False, rows: Optional[int] = None) -> InitMethod:
+        """Init filling the full weight; with `rows`, only its first `rows` rows are drawn and
+        the rest (vocabulary padding) are zero, so the real rows do not depend on the padding."""
         std = self.scaled_std if scaled else self.std
 
         def init(full: torch.Tensor) -> None:
             with torch.no_grad():
-                full.normal_(0.0, std, generator=self.generator(name))
+                real = full if rows is None else full[:rows]
+                real.normal_(0.0, std, generator=self.generator(name))
+                if rows is not None:
+                    full[rows:].zero_()
 
         return init
 
