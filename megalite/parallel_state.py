@@ -310,7 +310,7 @@ def get_embedding_group():
 
 def is_rank_in_embedding_group(ignore_virtual: bool = True) -> bool:
     s = get_parallel_state()
-    if s.rank not in s.ranks["embedding"]:
+    if s.rank not in s.ranks.get("embedding", ()):  # middle stages hold no embedding group
         return False
     if ignore_virtual:
         return True
