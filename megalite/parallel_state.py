@@ -222,7 +222,10 @@ def get_parallel_state() -> ParallelState:
 
 
 def _group(kind: str):
-    return get_parallel_state().groups[kind]
+    state = get_parallel_state()
+    if kind not in state.groups:
+        raise RuntimeError(f"rank {state.rank} belongs to no {kind} group (a middle stage?)")
+    return state.groups[kind]
 
 
 # --- tensor parallel ---------------------------------------------------------------------------

@@ -126,6 +126,10 @@ def _all_layouts_live(world):
             t = torch.tensor([float(rank)])
             dist.all_reduce(t, group=getter())
             assert t.item() == sum(exp[kind]), (kind, tp, pp)
+        assert ps.is_rank_in_embedding_group() == (rank in exp["embedding"])
+        if rank not in exp["embedding"]:
+            with pytest.raises(RuntimeError, match="belongs to no embedding group"):
+                ps.get_embedding_group()
         if rank in exp["embedding"]:
             t = torch.tensor([1.0])
             dist.all_reduce(t, group=ps.get_embedding_group())
