@@ -179,3 +179,30 @@ def test_cli_surface_is_pinned():
         and f not in ("--help", "--local_rank", "--local-rank", "--deepspeed-config")
     )
     assert not extra, f"new flags must be added to PINNED_FLAGS deliberately: {extra}"
+
+
+@pytest.mark.slow
+def test_finetune_and_no_load_optim(tmp_path):
+    ck = tmp_path / "ck"
+    base = TINY + ["--tensor-model-parallel-size", "2", "--eval-iters", "0"]
+    assert run_distributed(2, _pretrain, base + ["--train-iters", "4", "--save", str(ck)]) == [0, 0]
+    ft, no_opt = tmp_path / "ft.jsonl", tmp_path / "noopt.jsonl"
+    # --finetune: weights only; iterations and data start again at 0
+    argv = base + ["--train-iters", "2", "--load", str(ck), "--finetune", "--metrics-file", str(ft)]
+    assert run_distributed(2, _pretrain, argv) == [0, 0]
+    assert [i for i, _ in _losses(ft)] == [1, 2]
+    # --no-load-optim: position kept, fresh optimizer
+    argv = base + [
+        "--train-iters",
+        "6",
+        "--load",
+        str(ck),
+        "--no-load-optim",
+        "--no-load-rng",
+        "--metrics-file",
+        str(no_opt),
+    ]
+    assert run_distributed(2, _pretrain, argv) == [0, 0]
+    rows = [json.loads(line) for line in no_opt.read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [5, 6]
+    assert rows[0]["consumed_samples"] == 5 * 8

@@ -213,3 +213,39 @@ def test_corrupt_tracker_and_meta(tmp_path):
     (tmp_path / "iter_0000007" / "meta.json").write_text(json.dumps({"x": 1})[:-2])
     with pytest.raises(ckpt.CheckpointError, match="not valid JSON"):
         ckpt.load_meta(tmp_path)
+
+
+def test_reporter_writes_metrics_and_mfu(tmp_path, capsys):
+    from megalite.training.metrics import Reporter, device_peak_tflops
+
+    assert device_peak_tflops(2.0) == 2.0
+    rep = Reporter(True, str(tmp_path / "m.jsonl"), None, train_iters=10)
+    rep.train(
+        {
+            "iteration": 3,
+            "consumed_samples": 24,
+            "lm_loss": 2.5,
+            "lr": 1e-3,
+            "grad_norm": float("nan"),
+            "skipped_iterations": 0,
+            "step_time_s": 0.5,
+            "tokens_per_sec": 256.0,
+            "tflops_per_device": 0.5,
+            "mfu": 0.25,
+            "loss_scale": 1024.0,
+        }
+    )
+    rep.valid(3, 2.0)
+    rep.close()
+    line = capsys.readouterr().out
+    assert "iteration      3/10" in line and "MFU 25.0%" in line and "loss scale 1024.0" in line
+    rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert rows[0]["grad_norm"] is None  # NaN is written as null: the file stays valid JSON
+    assert rows[1] == {
+        "iteration": 3,
+        "split": "valid",
+        "lm_loss": 2.0,
+        "lm_ppl": pytest.approx(math.exp(2.0)),
+    }
+    Reporter(False, str(tmp_path / "none.jsonl")).train({"iteration": 1})
+    assert not (tmp_path / "none.jsonl").exists()
