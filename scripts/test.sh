@@ -9,10 +9,11 @@ cd "$ROOT"
 START=$(date +%s)
 source scripts/setup_env.sh
 export PATH="$ROOT/.venv/bin:$PATH" DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
-echo "== ruff"
-ruff check . && ruff format --check .
-echo "== pytest"
 rc=0
+echo "== ruff"
+ruff check . || rc=1
+ruff format --check . || rc=1
+echo "== pytest"
 python -m pytest "$@" || rc=$?
 echo "== test suite wall time: $(( $(date +%s) - START )) s (exit $rc)"
 exit $rc
