@@ -25,7 +25,19 @@ Checkpoint format (``state_dict()``; tensors and plain Python only, so
      "grad_scaler": {"scale": ..., ...} or None}
 
 Loading checks format, stage, DP size and the piece list, so a checkpoint taken at another
-DP size or bucket layout is refused rather than misread.
+DP size or bucket layout is refused rather than misread. ``"state_index"`` (one int per piece)
+names each piece's entry in ``"optimizer"["state"]``, so offline tools need not rebuild torch's
+param-group order.
+
+Layout-independent form (written by ``tools/checkpoint_reshard.py``, one file per TP/PP shard;
+`load_state_dict` accepts it at any DP size and ZeRO stage, each rank slicing its own pieces)::
+
+    {"format": "megalite-optimizer-params-v1",
+     "params": {param_name: {"main": fp32 [shard shape], "exp_avg": fp32 [shard shape],
+                             "exp_avg_sq": fp32 [shard shape], "step": fp32 scalar tensor}},
+     "grad_scaler": {...} or None}
+
+Hyperparameters (lr, betas, eps, weight decay) then come from this run's flags.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ from megalite.data_parallel.grad_scaler import (
 )
 
 STATE_FORMAT = "megalite-optimizer-v1"
+PARAMS_FORMAT = "megalite-optimizer-params-v1"  # per parameter, any DP / ZeRO stage
 
 
 @dataclass
@@ -307,10 +320,20 @@ class MixedPrecisionOptimizer:
             "pieces": [[p.chunk, p.name, p.start, p.end] for p in self.pieces],
             "main_params": [None if p.is_view else p.main.clone() for p in self.pieces],
             "optimizer": self.optimizer.state_dict(),
+            "state_index": self._state_index(),
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None,
         }
 
+    def _state_index(self) -> list[int]:
+        """Each piece's key in torch's optimizer state_dict (params numbered group by group)."""
+        order = [p for g in self.optimizer.param_groups for p in g["params"]]
+        index = {id(p): i for i, p in enumerate(order)}
+        return [index[id(piece.main)] for piece in self.pieces]
+
     def load_state_dict(self, state: dict) -> None:
+        if state.get("format") == PARAMS_FORMAT:
+            self._load_per_parameter(state)
+            return
         mine = self.state_dict()
         for key in ("format", "zero_stage", "dp_rank", "dp_size", "pieces"):
             if state.get(key) != mine[key]:
@@ -324,6 +347,43 @@ class MixedPrecisionOptimizer:
                 if main is not None and not piece.is_view:
                     piece.main.copy_(main)
         if self.grad_scaler is not None and state["grad_scaler"] is not None:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+
+    def _load_per_parameter(self, state: dict) -> None:
+        """Load the layout-independent form: each piece is sliced out of its whole parameter.
+
+        Torch's AdamW state is rebuilt piece by piece and loaded through
+        ``optimizer.load_state_dict`` (which casts and places it), keeping this run's
+        hyperparameters.
+        """
+        params = state["params"]
+        missing = sorted({p.name for p in self.pieces} - set(params))
+        if missing:
+            raise ValueError(
+                f"optimizer checkpoint has no state for {len(missing)} parameter(s) of this "
+                f"model, e.g. {missing[0]!r}"
+            )
+        torch_state = {}
+        with torch.no_grad():
+            for piece, index in zip(self.pieces, self._state_index()):
+                entry = params[piece.name]
+                if entry["main"].numel() != piece.param.numel():
+                    raise ValueError(
+                        f"optimizer checkpoint: {piece.name} has {entry['main'].numel()} "
+                        f"elements, the model's shard has {piece.param.numel()}"
+                    )
+                cut = slice(piece.start, piece.end)
+                piece.main.copy_(entry["main"].reshape(-1)[cut])
+                if not piece.is_view:  # the model weight follows its fp32 main copy
+                    piece.param.data.view(-1)[cut].copy_(piece.main)
+                torch_state[index] = {
+                    "step": entry["step"].detach().clone().float().reshape(()),
+                    "exp_avg": entry["exp_avg"].reshape(-1)[cut].clone(),
+                    "exp_avg_sq": entry["exp_avg_sq"].reshape(-1)[cut].clone(),
+                }
+        groups = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict({"state": torch_state, "param_groups": groups})
+        if self.grad_scaler is not None and state.get("grad_scaler") is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
 
 

@@ -226,24 +226,35 @@ def save_checkpoint(
         raise CheckpointError(f"saving iteration {iteration} to {root} failed ({who}); {kept}")
 
     if rank == 0:
-        old = None
-        if final.exists():  # re-saving an iteration: keep the old one until the new one is in
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        _fsync_dir(root)
-        tracker_tmp = root / (TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(f"{iteration}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, root / TRACKER)
-        _fsync_dir(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_iteration(root, iteration, tmp)
     if dist.is_initialized():
         dist.barrier()
+    return final
+
+
+def publish_iteration(root: Path, iteration: int, tmp: Path) -> Path:
+    """Rename the complete folder `tmp` to iteration `iteration` of `root`, then the tracker.
+
+    One process only (rank 0, or an offline tool). Re-saving an iteration keeps the old folder
+    until the new one is in place; the tracker is replaced last, through a temporary name.
+    """
+    root, final = Path(root), iteration_dir(root, iteration)
+    old = None
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(root)
+    tracker_tmp = root / (TRACKER + ".tmp")
+    with open(tracker_tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tracker_tmp, root / TRACKER)
+    _fsync_dir(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -302,10 +313,28 @@ def load_shard_files(
     out: dict[str, Any] = {"model": safe_load(shard / "model.pt")}
     dp = coords["dp"]
     if optim:
-        name = f"optim_dp{dp:03d}.pt" if optimizer_sharded else "optim_dp000.pt"
-        out["optimizer"] = safe_load(shard / name)
+        out["optimizer"] = safe_load(optimizer_file(shard, dp, optimizer_sharded))
     if rng:
         path = shard / f"rng_dp{dp:03d}.pt"
         # a checkpoint saved at a smaller DP has no RNG file for the new DP ranks
         out["rng"] = safe_load(path) if path.exists() else None
     return out
+
+
+# Written by tools/checkpoint_reshard.py: one layout-independent optimizer file per (TP, PP)
+# shard that every DP rank reads at any DP size / ZeRO stage (megalite-optimizer-params-v1).
+PARAMS_OPTIM_FILE = "optim_params.pt"
+
+
+def optimizer_file(shard: Path, dp_rank: int, optimizer_sharded: bool) -> Path:
+    """The optimizer file DP rank `dp_rank` reads in `shard`: the per-parameter file when the
+    checkpoint has one, else its own ZeRO shard (or DP rank 0's replicated state)."""
+    if (shard / PARAMS_OPTIM_FILE).exists():
+        return shard / PARAMS_OPTIM_FILE
+    path = shard / (f"optim_dp{dp_rank:03d}.pt" if optimizer_sharded else "optim_dp000.pt")
+    if not path.exists() and not any(shard.glob("optim_*.pt")):
+        raise CheckpointError(
+            f"{shard} holds no optimizer state (a weights-only checkpoint, e.g. from "
+            f"tools/import_hf.py): load it with --finetune or --no-load-optim"
+        )
+    return path

@@ -1,0 +1,304 @@
+"""Hugging Face folders from megalite checkpoints and back, one layer in memory at a time.
+
+`export_hf(load, output)` writes ``config.json``, ``model.safetensors`` (or numbered shards with
+``model.safetensors.index.json`` past `max_shard_bytes`) and, when the run's tokenizer is a
+Hugging Face ``tokenizer.json``, a SentencePiece ``.model`` or GPT-2 vocab/merges, the files
+``AutoTokenizer.from_pretrained`` needs. `import_hf(hf_dir, save, tp, pp)` writes a megalite
+checkpoint (iteration 0, weights only: no optimizer or RNG files, ``meta["optimizer_format"]``
+None) at any TP/PP; train from it with ``--load DIR --finetune`` (or ``--no-load-optim``).
+The tensor maps and what each HF class can represent are in `megalite.checkpoint.hf`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megalite.checkpoint import hf as H
+from megalite.checkpoint import layout as L
+from megalite.checkpoint.reshard import ReshardError, Source, fill_unit, write_skeletons
+from megalite.checkpoint.streaming import fsync_file
+from megalite.training import checkpointing as ckpt
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+# --- export ------------------------------------------------------------------------------------
+def _tokenizer_files(args: dict, out: Path, kind: str) -> tuple[list[str], dict]:
+    """Copy the run's tokenizer for ``AutoTokenizer``; returns (files, special token ids)."""
+    tok_type, model = args.get("tokenizer_type"), args.get("tokenizer_model")
+    written: list[str] = []
+    ids: dict = {}
+    if tok_type == "HuggingFaceTokenizer" and model and os.path.exists(model):
+        folder = Path(model) if os.path.isdir(model) else Path(model).parent
+        src = folder / "tokenizer.json" if os.path.isdir(model) else Path(model)
+        shutil.copyfile(src, out / "tokenizer.json")
+        written.append("tokenizer.json")
+        for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (folder / extra).exists():
+                shutil.copyfile(folder / extra, out / extra)
+                written.append(extra)
+        if "tokenizer_config.json" not in written:
+            _write_json(
+                out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast"}
+            )
+            written.append("tokenizer_config.json")
+    elif tok_type == "SentencePieceTokenizer" and model and os.path.exists(model):
+        import sentencepiece as spm
+
+        shutil.copyfile(model, out / "tokenizer.model")
+        sp = spm.SentencePieceProcessor(model_file=model)
+        special = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id()}
+        config = {
+            # LlamaTokenizer reads tokenizer.model; megalite's data pipeline adds no BOS/EOS
+            # inside a document, so neither does this tokenizer by default.
+            "tokenizer_class": "LlamaTokenizer",
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "legacy": True,
+            **{k: sp.id_to_piece(i) for k, i in special.items() if i >= 0},
+        }
+        _write_json(out / "tokenizer_config.json", config)
+        written += ["tokenizer.model", "tokenizer_config.json"]
+        ids = H.tokens_from_ids(
+            sp.bos_id() if sp.bos_id() >= 0 else None, sp.eos_id() if sp.eos_id() >= 0 else None
+        )
+    elif tok_type == "GPT2BPETokenizer" and args.get("vocab_file") and args.get("merge_file"):
+        shutil.copyfile(args["vocab_file"], out / "vocab.json")
+        shutil.copyfile(args["merge_file"], out / "merges.txt")
+        _write_json(out / "tokenizer_config.json", {"tokenizer_class": "GPT2Tokenizer"})
+        written += ["vocab.json", "merges.txt", "tokenizer_config.json"]
+    return written, ids
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def export_hf(
+    load: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    true_vocab: Optional[int] = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """Write the newest checkpoint of `load` as a Hugging Face folder; returns config.json."""
+    from safetensors.torch import save_file
+
+    folder, meta = ckpt.load_meta(load)
+    if folder is None:
+        raise ReshardError(f"no checkpoint in {load}")
+    src = Source(folder, meta)
+    c = src.config
+    H.hf_kind(c)  # refuse what neither class represents before writing anything
+    vocab = true_vocab or L.true_vocab_size(meta["args"])
+    if vocab is None:
+        raise ReshardError("cannot tell the tokenizer's vocabulary size: pass --true-vocab-size")
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise ReshardError(f"--output {out} exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size, dtype = 0, None
+    files: list[str] = []
+
+    def flush() -> None:
+        name = f"part-{len(files):05d}.safetensors"
+        save_file(shards[0], str(out / name), metadata={"format": "pt"})
+        files.append(name)
+        shards[0] = {}
+
+    index: dict[str, int] = {}
+    for unit, weights in src.unit_weights():
+        tensors = H.to_hf(weights, c, vocab)
+        for name, t in tensors.items():
+            dtype = dtype or t.dtype
+            if size and size + t.numel() * t.element_size() > max_shard_bytes:
+                flush()
+                size = 0
+            shards[0][name] = t
+            index[name] = len(files)
+            size += t.numel() * t.element_size()
+        log(f"  {unit}: {len(tensors)} tensor(s)")
+    flush()
+    names = (
+        ["model.safetensors"]
+        if len(files) == 1
+        else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    )
+    for tmp, final in zip(files, names):
+        os.replace(out / tmp, out / final)
+    if len(files) > 1:
+        total = sum((out / n).stat().st_size for n in names)
+        weight_map = {k: names[i] for k, i in sorted(index.items())}
+        _write_json(
+            out / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
+    tokenizer, ids = _tokenizer_files(meta["args"], out, H.hf_kind(c))
+    config = H.hf_config(c, vocab, dtype or torch.float32, ids)
+    _write_json(out / "config.json", config)
+    log(f"wrote {', '.join(names + tokenizer + ['config.json'])}")
+    return config
+
+
+# --- import ------------------------------------------------------------------------------------
+class _Reader:
+    """Lazy tensors of an HF folder: one safetensors file or an index of several."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / SAFETENSORS_INDEX
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (folder / "model.safetensors").exists():
+            weight_map = None
+        else:
+            raise ReshardError(f"{folder}: no model.safetensors or {SAFETENSORS_INDEX}")
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self.handles = {f: safe_open(str(folder / f), framework="pt") for f in files}
+        self.where = {k: f for f, h in self.handles.items() for k in h.keys()}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise ReshardError(f"the Hugging Face weights have no tensor {name!r}")
+        return self.handles[self.where[name]].get_tensor(name)
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A meta-device stand-in with the tensor's shape and dtype (nothing is read)."""
+        sl = self.handles[self.where[name]].get_slice(name)
+        dtype = getattr(torch, _ST_DTYPES.get(sl.get_dtype(), "float32"))
+        return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+
+
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def megalite_args(hf: dict, tp: int, pp: int, layers_per_virtual: Optional[int], divisible: int):
+    """The trainer's full (validated) args for an HF config at TP x PP, as meta.json stores."""
+    from megalite.training.arguments import build_parser, validate_args
+
+    a = H.megalite_args_from_hf(hf)
+    argv = [
+        "--num-layers", a["num_layers"], "--hidden-size", a["hidden_size"],
+        "--num-attention-heads", a["num_attention_heads"], "--seq-length",
+        a["max_position_embeddings"], "--max-position-embeddings", a["max_position_embeddings"],
+        "--ffn-hidden-size", a["ffn_hidden_size"], "--normalization", a["normalization"],
+        "--position-embedding-type", a["position_embedding_type"],
+        "--micro-batch-size", 1, "--train-iters", 0, "--lr", 0, "--mock-data",
+        "--vocab-size", a["vocab_size"], "--make-vocab-size-divisible-by", divisible,
+        "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
+    ]  # fmt: skip
+    if a["num_query_groups"]:
+        argv += ["--num-query-groups", a["num_query_groups"]]
+    if "rotary_base" in a:
+        argv += ["--rotary-base", a["rotary_base"]]
+    if layers_per_virtual:
+        argv += ["--num-layers-per-virtual-pipeline-stage", layers_per_virtual]
+    for flag, on in (
+        ("--swiglu", a["swiglu"]),
+        ("--disable-bias-linear", a["disable_bias_linear"]),
+        ("--untie-embeddings-and-output-weights", a["untie_embeddings_and_output_weights"]),
+    ):
+        argv += [flag] if on else []
+    args = build_parser().parse_args([str(x) for x in argv])
+    validate_args(args, tp * pp)  # refuses a layout that cannot hold the model, naming flags
+    args.padded_vocab_size = L.vocab_size_with_padding(a["vocab_size"], divisible, tp)
+    args.true_vocab_size = a["vocab_size"]
+    return {
+        k: v
+        for k, v in vars(args).items()
+        if isinstance(v, (int, float, str, bool, list, type(None)))
+    }
+
+
+def import_hf(
+    hf_dir: str | os.PathLike,
+    save: str | os.PathLike,
+    tp: int,
+    pp: int,
+    layers_per_virtual: Optional[int] = None,
+    *,
+    divisible: int = 128,
+    log: Callable[[str], None] = lambda message: None,
+) -> Path:
+    """Write the HF model in `hf_dir` as a weights-only megalite checkpoint at TP x PP."""
+    folder = Path(hf_dir)
+    hf = json.loads((folder / "config.json").read_text())
+    try:
+        args = megalite_args(hf, tp, pp, layers_per_virtual, divisible)
+        c = L.config_from_args(args)
+    except ValueError as e:
+        raise ReshardError(f"cannot import {folder} at TP {tp} x PP {pp}: {e}") from None
+    kind, rows = hf["model_type"], args["padded_vocab_size"]
+    reader = _Reader(folder)
+    units = ["embedding", *(f"layer.{i}" for i in range(c.num_layers)), "final"]
+    names: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for unit in units:  # shapes only: the maps run on meta tensors
+        for n, t in H.from_hf(reader.meta, unit, c, kind, rows).items():
+            names[n] = (tuple(t.shape), t.dtype)
+    tied = not c.untie_embeddings_and_output_weights
+    if tied and pp > 1:
+        names[L.OUTPUT_LAYER] = names[L.WORD_EMBEDDING]
+    root = Path(save)
+    tmp = ckpt.iteration_dir(root, 0).with_name("iter_0000000.tmp")
+    root.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    shards = write_skeletons(c, rows, names, False, None, tmp)
+    for unit in units:
+        full = {n: {"weight": t} for n, t in H.from_hf(reader.get, unit, c, kind, rows).items()}
+        if tied and pp > 1 and unit == "embedding":
+            full[L.OUTPUT_LAYER] = full[L.WORD_EMBEDDING]
+        fill_unit(c, tmp, full, False)
+        log(f"  {unit}: {len(full)} tensor(s)")
+    for t, p in shards:
+        for path in ckpt.shard_dir(tmp, t, p).iterdir():
+            fsync_file(path)
+    meta = {
+        "args": args,
+        "iteration": 0,
+        "consumed_train_samples": 0,
+        "consumed_valid_samples": 0,
+        "format_version": ckpt.FORMAT_VERSION,
+        "optimizer_format": None,
+        "imported_from": {"folder": str(folder.resolve()), "model_type": kind},
+    }
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    return ckpt.publish_iteration(root, 0, tmp)
+
+
+def pretrain_flags(args: dict) -> str:
+    """The megalite-pretrain model flags that match an imported checkpoint's args."""
+    out = [
+        f"--num-layers {args['num_layers']} --hidden-size {args['hidden_size']}",
+        f"--num-attention-heads {args['num_attention_heads']}",
+        f"--ffn-hidden-size {args['ffn_hidden_size']}",
+        f"--max-position-embeddings {args['max_position_embeddings']}",
+        f"--normalization {args['normalization']}",
+        f"--position-embedding-type {args['position_embedding_type']}",
+        f"--make-vocab-size-divisible-by {args['make_vocab_size_divisible_by']}",
+        f"--tensor-model-parallel-size {args['tensor_model_parallel_size']}",
+        f"--pipeline-model-parallel-size {args['pipeline_model_parallel_size']}",
+    ]
+    if args.get("num_query_groups"):
+        out.append(f"--num-query-groups {args['num_query_groups']}")
+    if args.get("position_embedding_type") == "rope":
+        out.append(f"--rotary-base {args['rotary_base']:g}")
+    for flag in ("swiglu", "disable_bias_linear", "untie_embeddings_and_output_weights"):
+        if args.get(flag):
+            out.append("--" + flag.replace("_", "-"))
+    return " ".join(out)

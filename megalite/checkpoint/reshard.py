@@ -1,0 +1,382 @@
+"""Offline resharding of a megalite checkpoint to another TP / PP / virtual-pipeline layout.
+
+``reshard(load, save, tp, pp, layers_per_virtual)`` reads the newest checkpoint of `load` and
+writes the same iteration to `save` at the target layout, on CPU, one *unit* at a time (the
+embedding, each transformer layer, the final norm + output layer):
+
+1. every source shard of the unit is read lazily (``mmap``), the TP shards joined into full
+   tensors (weights, and from the optimizer the fp32 main params and both Adam moments, the ZeRO
+   pieces of every DP rank put back together), the vocabulary re-padded for the target TP;
+2. the full tensors are cut for the target TP ranks and written into skeleton files in place
+   (`megalite.checkpoint.streaming`), so memory holds about one layer, not the model.
+
+The target's optimizer state is the layout-independent per-parameter form
+(``optim_params.pt``, `megalite.data_parallel.optimizer.PARAMS_FORMAT`): the trainer's optimizer
+slices its own pieces out of it at whatever DP size and ZeRO stage it runs. RNG files are not
+carried over (they belong to ranks that no longer exist); a resumed run reseeds as a fresh one
+does, which changes nothing with dropout off.
+
+Everything is written under ``iter_N.tmp`` and renamed, then the tracker is replaced, as the
+trainer saves: a crash leaves `save` as it was. A target layout that cannot hold the model is
+refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megalite.checkpoint import layout as L
+from megalite.checkpoint.streaming import (
+    empty_like_shape,
+    filling,
+    fsync_file,
+    read_lazy,
+    write_skeleton,
+)
+from megalite.data_parallel.optimizer import PARAMS_FORMAT, no_weight_decay
+from megalite.model import GPTConfig
+from megalite.training import checkpointing as ckpt
+
+MOMENTS = ("main", "exp_avg", "exp_avg_sq")
+
+
+class ReshardError(ckpt.CheckpointError):
+    """The checkpoint cannot be resharded as asked; nothing was written."""
+
+
+# --- reading the source ------------------------------------------------------------------------
+class Source:
+    """Lazy access to one checkpoint folder: its model shards and optimizer state per name."""
+
+    def __init__(self, folder: Path, meta: dict):
+        self.folder, self.meta, self.args = folder, meta, meta["args"]
+        self.config = L.config_from_args(self.args)
+        self.tp = self.config.tensor_model_parallel_size
+        self.pp = self.config.pipeline_model_parallel_size
+        shard0 = ckpt.shard_dir(folder, 0, 0)
+        if (shard0 / ckpt.PARAMS_OPTIM_FILE).exists():
+            self.optim = "params"
+        elif any(shard0.glob("optim_dp*.pt")):
+            self.optim = "v1"
+        else:
+            self.optim = None  # weights only (e.g. imported from Hugging Face)
+
+    def shard(self, tp: int, pp: int) -> Path:
+        return ckpt.shard_dir(self.folder, tp, pp)
+
+    def model_names(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every parameter of the model (global name) -> (full shape, dtype), structure only."""
+        out = {}
+        for pp in range(self.pp):
+            model = read_lazy(self.shard(0, pp) / "model.pt")
+            for chunk in model.values():
+                for name, t in chunk.items():
+                    rule = L.split_rule(name, self.config.activation == "swiglu")
+                    shape = list(t.shape)
+                    if rule.dim is not None:
+                        shape[rule.dim] *= self.tp
+                    out[name] = (tuple(shape), t.dtype)
+            del model
+        return out
+
+    def unit_weights(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """(unit, {name: full weight}) for the embedding, each layer and the final unit in turn,
+        one unit in memory at a time (a tied output-layer copy is skipped)."""
+        tied = not self.config.untie_embeddings_and_output_weights
+        for unit, unit_names in _units(list(self.model_names())):
+            read = [n for n in unit_names if not (tied and n == L.OUTPUT_LAYER)]
+            if read:
+                stage = L.place(self.config, read[0])[0]
+                full = self.read(stage, read, optim=False)
+                yield unit, {n: v["weight"] for n, v in full.items()}
+
+    def grad_scaler(self) -> Optional[dict]:
+        if self.optim is None:
+            return None
+        shard = self.shard(0, 0)
+        name = ckpt.PARAMS_OPTIM_FILE if self.optim == "params" else "optim_dp000.pt"
+        return read_lazy(shard / name).get("grad_scaler")
+
+    def read(self, pp: int, names: list[str], optim: bool = True) -> dict[str, dict[str, Any]]:
+        """Full tensors of `names` (all on stage `pp`): {"weight", and "main", "exp_avg",
+        "exp_avg_sq", "step" when the checkpoint has optimizer state and `optim`}."""
+        swiglu = self.config.activation == "swiglu"
+        per_rank: list[dict[str, dict[str, Any]]] = []
+        for tp in range(self.tp):
+            model = read_lazy(self.shard(tp, pp) / "model.pt")
+            weights = {n: t for chunk in model.values() for n, t in chunk.items() if n in names}
+            entry = {n: {"weight": weights[n]} for n in names}
+            if optim and self.optim == "params":
+                params = read_lazy(self.shard(tp, pp) / ckpt.PARAMS_OPTIM_FILE)["params"]
+                for n in names:
+                    entry[n].update({k: params[n][k] for k in (*MOMENTS, "step")})
+            elif optim and self.optim == "v1":
+                every = {n: t for chunk in model.values() for n, t in chunk.items()}
+                self._regather(self.shard(tp, pp), weights, every, entry)
+            per_rank.append(entry)
+        out = {}
+        for n in names:
+            rule = L.split_rule(n, swiglu)
+            full = {
+                k: L.merge_shards([r[n][k] for r in per_rank], rule)
+                for k in per_rank[0][n]
+                if k != "step"
+            }
+            if "step" in per_rank[0][n]:
+                full["step"] = per_rank[0][n]["step"].clone()
+            out[n] = full
+        return out
+
+    def _regather(self, shard: Path, weights: dict, every: dict, entry: dict) -> None:
+        """Put the ZeRO pieces of every DP rank's optimizer file back into whole TP shards."""
+        files = sorted(shard.glob("optim_dp*.pt"))
+        flat = {
+            n: {k: torch.zeros(w.numel(), dtype=torch.float32) for k in MOMENTS}
+            for n, w in weights.items()
+        }
+        covered = {n: 0 for n in weights}
+        steps: dict[str, torch.Tensor] = {}
+        for path in files:
+            state = read_lazy(path)
+            index = state.get("state_index") or _rebuild_state_index(state, every)
+            for i, (_, name, start, end) in enumerate(state["pieces"]):
+                if name not in weights:
+                    continue
+                main = state["main_params"][i]
+                if main is None:  # fp32 model: the main piece was the parameter itself
+                    main = weights[name].reshape(-1)[start:end]
+                adam = state["optimizer"]["state"].get(index[i])
+                if adam is None:  # saved before the first step: torch's fresh state is zeros
+                    adam = {"exp_avg": 0.0, "exp_avg_sq": 0.0, "step": torch.tensor(0.0)}
+                flat[name]["main"][start:end] = main.float()
+                flat[name]["exp_avg"][start:end] = adam["exp_avg"]
+                flat[name]["exp_avg_sq"][start:end] = adam["exp_avg_sq"]
+                steps[name] = torch.as_tensor(adam["step"], dtype=torch.float32).reshape(())
+                covered[name] += end - start
+            del state
+        for name, w in weights.items():
+            if covered[name] != w.numel():
+                raise ReshardError(
+                    f"{shard}: the optimizer files {[p.name for p in files]} cover "
+                    f"{covered[name]} of {w.numel()} elements of {name} (a DP rank's file is "
+                    f"missing?)"
+                )
+            entry[name].update({k: flat[name][k].view(w.shape) for k in MOMENTS})
+            entry[name]["step"] = steps[name]
+
+
+def _rebuild_state_index(state: dict, weights: dict) -> list[int]:
+    """Piece -> torch state key for files saved before ``state_index`` existed.
+
+    The optimizer grouped pieces by weight decay (0 for biases and 1-D params: `weights` holds
+    every parameter of the shard, read lazily, for their names and dims), groups in order of
+    first appearance, pieces in order within a group; torch numbers params group by group.
+    """
+    by_decay = {g["weight_decay"]: list(g["params"]) for g in state["optimizer"]["param_groups"]}
+    decayed = max(by_decay, default=0.0)
+    taken: dict[float, int] = {}
+    index = []
+    for _, name, _, _ in state["pieces"]:
+        wd = 0.0 if no_weight_decay(name, weights[name]) else decayed
+        k = taken.get(wd, 0)
+        index.append(by_decay[wd][k])
+        taken[wd] = k + 1
+    return index
+
+
+# --- planning and writing the target -----------------------------------------------------------
+def _units(names: list[str]) -> list[tuple[str, list[str]]]:
+    units: dict[str, list[str]] = {}
+    for n in names:
+        units.setdefault(L.unit_of(n), []).append(n)
+    return list(units.items())
+
+
+def _target_names(src: Source, dst: GPTConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Full shapes of the target's parameters: the source's, with the tied output copy only
+    where the target has PP > 1, and the vocabulary re-padded."""
+    names = src.model_names()
+    tied = not dst.untie_embeddings_and_output_weights
+    if tied:
+        names.pop(L.OUTPUT_LAYER, None)
+        if dst.pipeline_model_parallel_size > 1:
+            names[L.OUTPUT_LAYER] = names[L.WORD_EMBEDDING]
+    return names
+
+
+def write_skeletons(
+    dst: GPTConfig, rows: int, names: dict, with_optim: bool, grad_scaler: Optional[dict], tmp: Path
+) -> list[tuple[int, int]]:
+    """Write every target file without its tensor bytes; returns the (tp, pp) shards."""
+    swiglu = dst.activation == "swiglu"
+    tp, pp = dst.tensor_model_parallel_size, dst.pipeline_model_parallel_size
+    shards = [(t, p) for p in range(pp) for t in range(tp)]
+    for t, p in shards:
+        model: dict[str, dict] = {f"chunk{c}": {} for c in range(dst.virtual_pipeline_size)}
+        optim: dict[str, dict] = {}
+        for name, (shape, dtype) in names.items():
+            stage, chunk = L.place(dst, name)
+            if stage != p:
+                continue
+            rule, shape = L.split_rule(name, swiglu), list(shape)
+            if rule.vocab:
+                shape[0] = rows
+            if rule.dim is not None:
+                shape[rule.dim] //= tp
+            model[f"chunk{chunk}"][name] = empty_like_shape(tuple(shape), dtype)
+            optim[name] = {k: empty_like_shape(tuple(shape), torch.float32) for k in MOMENTS}
+            optim[name]["step"] = empty_like_shape((), torch.float32)
+        folder = ckpt.shard_dir(tmp, t, p)
+        folder.mkdir(parents=True)
+        write_skeleton(model, folder / "model.pt")
+        if with_optim:
+            tree = {"format": PARAMS_FORMAT, "params": optim, "grad_scaler": grad_scaler}
+            write_skeleton(tree, folder / ckpt.PARAMS_OPTIM_FILE)
+    return shards
+
+
+def fill_unit(dst: GPTConfig, tmp: Path, full: dict[str, dict], with_optim: bool) -> None:
+    """Cut the unit's full tensors for every target TP rank and write them in place."""
+    tp = dst.tensor_model_parallel_size
+    swiglu = dst.activation == "swiglu"
+    stages = {L.place(dst, n)[0] for n in full}
+    for p in sorted(stages):
+        names = [n for n in full if L.place(dst, n)[0] == p]
+        for t in range(tp):
+            folder = ckpt.shard_dir(tmp, t, p)
+            with filling(folder / "model.pt") as model:
+                flat = {n: w for chunk in model.values() for n, w in chunk.items()}
+                for n in names:
+                    flat[n].copy_(L.split_full(full[n]["weight"], L.split_rule(n, swiglu), tp, t))
+            if not with_optim:
+                continue
+            with filling(folder / ckpt.PARAMS_OPTIM_FILE) as optim:
+                for n in names:
+                    rule = L.split_rule(n, swiglu)
+                    for k in MOMENTS:
+                        optim["params"][n][k].copy_(L.split_full(full[n][k], rule, tp, t))
+                    optim["params"][n]["step"].copy_(full[n]["step"])
+
+
+def plan_target(
+    meta: dict,
+    tp: int,
+    pp: int,
+    layers_per_virtual: Optional[int],
+    true_vocab: Optional[int] = None,
+) -> tuple[GPTConfig, int]:
+    """(target config, target padded vocabulary), or ReshardError naming what does not fit."""
+    args = dict(meta["args"])
+    if true_vocab is not None:
+        args["true_vocab_size"] = true_vocab
+    try:
+        dst = L.config_from_args(args, tp, pp, layers_per_virtual)
+        rows = L.padded_vocab(args, tp)
+    except ValueError as e:
+        raise ReshardError(
+            f"cannot reshard to TP {tp} x PP {pp}"
+            + (f" x {layers_per_virtual} layers per virtual stage" if layers_per_virtual else "")
+            + f": {e}"
+        ) from None
+    return dst, rows
+
+
+def reshard(
+    load: str | os.PathLike,
+    save: str | os.PathLike,
+    tp: int,
+    pp: int,
+    layers_per_virtual: Optional[int] = None,
+    *,
+    true_vocab: Optional[int] = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> Path:
+    """Reshard the newest checkpoint of `load` to TP `tp` x PP `pp`; returns the new folder."""
+    folder, meta = ckpt.load_meta(load)
+    if folder is None:
+        raise ReshardError(f"no checkpoint in {load} ({ckpt.TRACKER} is missing)")
+    if Path(save).resolve() == Path(load).resolve():
+        raise ReshardError(f"--save {save} is --load itself: write the new layout elsewhere")
+    dst, rows = plan_target(meta, tp, pp, layers_per_virtual, true_vocab)
+    src = Source(folder, meta)
+    known_vocab = true_vocab or L.true_vocab_size(meta["args"])
+    names = _target_names(src, dst)
+    with_optim = src.optim is not None
+    iteration = meta["iteration"]
+    root = Path(save)
+    tmp = ckpt.iteration_dir(root, iteration).with_name(f"iter_{iteration:07d}.tmp")
+    root.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():  # left by a crashed run: never complete, never referenced
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    shards = write_skeletons(dst, rows, names, with_optim, src.grad_scaler(), tmp)
+    tied_copy = L.OUTPUT_LAYER in names and not dst.untie_embeddings_and_output_weights
+    for unit, unit_names in _units(list(names)):
+        read = [n for n in unit_names if not (tied_copy and n == L.OUTPUT_LAYER)]
+        if not read:
+            continue
+        stage = L.place(src.config, read[0])[0]
+        full = src.read(stage, read)
+        for n in read:
+            if L.split_rule(n, False).vocab:
+                full[n] = {
+                    k: v if k == "step" else L.resize_vocab(v, rows, known_vocab)
+                    for k, v in full[n].items()
+                }
+        if tied_copy and L.WORD_EMBEDDING in full:  # the last stage's copy of the embedding
+            full[L.OUTPUT_LAYER] = full[L.WORD_EMBEDDING]
+        fill_unit(dst, tmp, full, with_optim)
+        log(f"  {unit}: {len(read)} tensor(s)")
+        del full
+    for t, p in shards:
+        for path in ckpt.shard_dir(tmp, t, p).iterdir():
+            fsync_file(path)
+    _write_meta(tmp / "meta.json", meta, dst, rows, folder, with_optim)
+    return ckpt.publish_iteration(root, iteration, tmp)
+
+
+def _write_meta(
+    path: Path, meta: dict, dst: GPTConfig, rows: int, source: Path, with_optim: bool
+) -> None:
+    """The source's meta with the target layout in ``args`` (everything else copied)."""
+    args = dict(meta["args"])
+    lpv = dst.num_layers_per_virtual_pipeline_stage
+    args.update(
+        tensor_model_parallel_size=dst.tensor_model_parallel_size,
+        pipeline_model_parallel_size=dst.pipeline_model_parallel_size,
+        num_layers_per_virtual_pipeline_stage=lpv,
+        virtual_pipeline_model_parallel_size=dst.virtual_pipeline_size if lpv else None,
+        padded_vocab_size=rows,
+    )
+    if dst.tensor_model_parallel_size == 1:
+        args["sequence_parallel"] = False
+    new = dict(meta, args=args)
+    new["optimizer_format"] = PARAMS_FORMAT if with_optim else None
+    new["resharded_from"] = {
+        "folder": str(source),
+        **{k: meta["args"].get(k) for k in ckpt.LAYOUT_ARGS},
+        "padded_vocab_size": meta["args"].get("padded_vocab_size"),
+    }
+    with open(path, "w") as f:
+        json.dump(new, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_full_model(load: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, {name: full tensor}) of the newest checkpoint in `load`, every shard joined (the
+    single-process model's state_dict with padded vocabulary). For small models and tests."""
+    folder, meta = ckpt.load_meta(load)
+    if folder is None:
+        raise ReshardError(f"no checkpoint in {load}")
+    out: dict[str, torch.Tensor] = {}
+    for _, weights in Source(folder, meta).unit_weights():
+        out.update(weights)
+    return meta, out

@@ -1,0 +1,147 @@
+"""Resharding a trained checkpoint and resuming at another layout (world size 8, gloo).
+
+A Llama-style tiny GPT (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings) trains 5 iterations at
+TP=2 x PP=2 x DP=2 with ZeRO-1 through the real trainer, is resharded offline, and resumes at
+TP=1 x PP=4 (ZeRO-2), TP=4 x PP=1 (ZeRO-0) and TP=1 x PP=2 x DP=4 (ZeRO-1): iterations 6-10
+must give the losses of the uninterrupted 10-iteration run at the original layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megalite.checkpoint.reshard import ReshardError, load_full_model, reshard
+from megalite.data_parallel.optimizer import PARAMS_FORMAT
+from megalite.training import checkpointing as ckpt
+from tests.harness import run_distributed
+
+WORLD = 8
+# vocab 64 pads to 64 at TP 1, 2 and 4 (divisible by 16 x TP): the padding rows, which enter
+# the softmax, do not change, so the losses can match to round-off.
+MODEL = (
+    "--num-layers 4 --hidden-size 32 --num-attention-heads 8 --num-query-groups 4 "
+    "--ffn-hidden-size 64 --seq-length 16 --normalization RMSNorm --swiglu "
+    "--position-embedding-type rope --disable-bias-linear --vocab-size 64 "
+    "--make-vocab-size-divisible-by 16"
+).split()
+RUN = (
+    "--micro-batch-size 2 --global-batch-size 8 --lr 1e-2 --train-iters 10 --mock-data "
+    "--hidden-dropout 0 --attention-dropout 0 --log-interval 1 --eval-iters 0 "
+    "--distributed-backend gloo --seed 7"
+).split()
+
+
+def _pretrain(argv: list[str]) -> int:
+    from megalite.pretrain import pretrain
+
+    return pretrain(argv)
+
+
+def train(argv: list[str], metrics: Path) -> list[dict]:
+    """Run the trainer on 8 gloo ranks; the metrics lines it logged."""
+    status = run_distributed(
+        WORLD, _pretrain, MODEL + RUN + argv + ["--metrics-file", str(metrics)]
+    )
+    assert status == [0] * WORLD, status
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def layout(tp: int, pp: int, zero: int) -> list[str]:
+    flags = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+    return flags + ["--zero-stage", str(zero)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(root, reference metrics of the uninterrupted 10 iterations, 5-iteration checkpoint)."""
+    root = tmp_path_factory.mktemp("reshard")
+    reference = train(layout(2, 2, 1), root / "reference.jsonl")
+    assert [r["iteration"] for r in reference] == list(range(1, 11))
+    first = train(layout(2, 2, 1) + ["--save", str(root / "orig"), "--exit-interval", "5"],
+                  root / "first.jsonl")  # fmt: skip
+    assert [r["lm_loss"] for r in first] == [r["lm_loss"] for r in reference[:5]]
+    assert ckpt.read_tracker(root / "orig") == 5
+    return root, reference
+
+
+@pytest.mark.parametrize(
+    "tp,pp,zero", [(1, 4, 2), (4, 1, 0), (1, 2, 1)], ids=["tp1pp4-zero2", "tp4pp1-zero0", "dp4"]
+)
+def test_resume_after_reshard_matches_uninterrupted_run(trained, tp, pp, zero):
+    root, reference = trained
+    target = root / f"tp{tp}pp{pp}"
+    reshard(root / "orig", target, tp, pp)
+    meta = json.loads((target / "iter_0000005" / "meta.json").read_text())
+    assert meta["args"]["tensor_model_parallel_size"] == tp
+    assert meta["args"]["pipeline_model_parallel_size"] == pp
+    assert meta["consumed_train_samples"] == 40 and meta["iteration"] == 5
+    # Weights are moved, never changed.
+    _, before = load_full_model(root / "orig")
+    _, after = load_full_model(target)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+    resumed = train(layout(tp, pp, zero) + ["--load", str(target)], target / "metrics.jsonl")
+    assert [r["iteration"] for r in resumed] == list(range(6, 11))
+    assert [r["consumed_samples"] for r in resumed] == [48, 56, 64, 72, 80]
+    expected = reference[5:]
+    for got, want in zip(resumed, expected):
+        # fp32: only the order of the TP / DP reductions differs.
+        assert got["lm_loss"] == pytest.approx(want["lm_loss"], rel=1e-5, abs=1e-6), got
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4, abs=1e-6), got
+        assert got["lr"] == pytest.approx(want["lr"])
+
+
+def test_resume_needs_the_optimizer_state(trained):
+    """Control: the same resume without the Adam moments drifts off the reference at once."""
+    root, reference = trained
+    target = root / "control"
+    reshard(root / "orig", target, 1, 4)
+    flags = ["--load", str(target), "--no-load-optim", "--exit-interval", "7"]
+    resumed = train(layout(1, 4, 1) + flags, target / "metrics.jsonl")
+    assert [r["iteration"] for r in resumed] == [6, 7]
+    assert abs(resumed[1]["lm_loss"] - reference[6]["lm_loss"]) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "tp,pp,virtual,message",
+    [
+        (3, 1, None, "num_attention_heads (8) is not divisible by tensor-model-parallel size (3)"),
+        (8, 1, None, "num_query_groups (4) is not divisible by tensor-model-parallel size (8)"),
+        (1, 3, None, "num_layers (4) is not divisible by pipeline-model-parallel size (3)"),
+        (2, 2, 3, "not divisible by num_layers_per_virtual_pipeline_stage (3)"),
+    ],
+)
+def test_layout_that_cannot_hold_the_model_is_refused_before_writing(
+    trained, tp, pp, virtual, message
+):
+    root, _ = trained
+    target = root / f"refused_{tp}_{pp}_{virtual}"
+    with pytest.raises(ReshardError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        reshard(root / "orig", target, tp, pp, virtual)
+    assert not target.exists()
+
+
+def test_interleaved_round_trip_keeps_every_tensor(trained, tmp_path):
+    """To PP=2 with 2 virtual chunks and back: model and optimizer files are unchanged."""
+    root, _ = trained
+    reshard(root / "orig", tmp_path / "vp", 2, 2, 1)
+    model = torch.load(tmp_path / "vp/iter_0000005/mp_rank_00_000/model.pt", weights_only=True)
+    assert sorted(model) == ["chunk0", "chunk1"]
+    assert "decoder.layers.2.input_layernorm.weight" in model["chunk1"]
+    reshard(tmp_path / "vp", tmp_path / "back", 2, 2)
+    reshard(root / "orig", tmp_path / "direct", 2, 2)
+    for t in range(2):
+        for p in range(2):
+            shard = f"iter_0000005/mp_rank_{t:02d}_{p:03d}"
+            for name in ("model.pt", ckpt.PARAMS_OPTIM_FILE):
+                a = torch.load(tmp_path / "back" / shard / name, weights_only=True)
+                b = torch.load(tmp_path / "direct" / shard / name, weights_only=True)
+                if name != "model.pt":
+                    assert a.pop("format") == b.pop("format") == PARAMS_FORMAT
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
