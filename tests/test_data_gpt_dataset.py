@@ -105,7 +105,8 @@ def test_one_builder_and_a_barrier(data, tmp_path):
         barrier=lambda: events.append("builder waits"),
     )
     follower = GPTDataset(ds, "train", (0, 400), 8, 50, seed=2, **follower_kwargs)
-    assert events == ["builder waits"]  # the follower found the files: no wait needed
+    # Every rank calls the barrier exactly once, files or not (a collective must match up).
+    assert events == ["builder waits", ("barrier", True)]
     assert np.array_equal(builder.shuffle_index, follower.shuffle_index)
     # A follower that arrives first: it waits at the barrier, during which the builder rank
     # writes the files; then it loads them.
@@ -182,6 +183,20 @@ def test_build_train_valid_test_blended(data, tmp_path):
     assert isinstance(single[0], GPTDataset) and single[2] is not None
     none_test = build_train_valid_test_datasets([data["a"]], **{**kwargs, "split": "90,10,0"})
     assert none_test[2] is None
+
+
+def test_dataloader_batches_and_pickling(data, tmp_path):
+    import pickle
+
+    import torch
+
+    ds = IndexedDataset(data["a"])
+    gpt = GPTDataset(ds, "train", (0, 400), 16, 64, seed=0, cache_path=str(tmp_path / "c"))
+    batch = next(iter(torch.utils.data.DataLoader(gpt, batch_size=4)))
+    assert batch["tokens"].shape == batch["labels"].shape == (4, 16)
+    assert batch["tokens"].dtype == torch.int64
+    copy = pickle.loads(pickle.dumps(gpt))  # what a "spawn" DataLoader worker receives
+    assert copy[5]["tokens"].tolist() == gpt[5]["tokens"].tolist()
 
 
 def test_distributed_hooks_single_process():
