@@ -44,9 +44,10 @@ STANDARD_MATRIX = (
     "dp2ds1 dp2ds2 dp2ds3 tp2pp2bf16"
 ).split()
 FP32_TOLERANCE = 1e-5
-# bf16 keeps 8 mantissa bits: TP splits the sums and rounds partial products, so a layout moves
-# the loss by a few bf16 ulps (2^-8 = 0.4%) per iteration, not by fp32 round-off.
-BF16_TOLERANCE = 2e-2
+# bf16 keeps 8 mantissa bits: TP splits the sums and rounds partial products differently, so a
+# layout moves the loss by bf16 round-off, not fp32's. The bound is about half a bf16 ulp (2^-9);
+# the tiny model at tp2pp2 deviates by 7e-5 over 10 iterations.
+BF16_TOLERANCE = 2e-3
 _PART = re.compile(r"(tp|pp|vp|dp|ds|z)(\d+)|(sp)|(bf16)")
 
 
@@ -158,13 +159,13 @@ class ModelSpec:
 def pretrain_argv(layout: Layout, spec: ModelSpec, workdir: Path) -> list[str]:
     """`megalite-pretrain` flags of one layout's run; writes its DeepSpeed config into workdir.
 
-    The vocabulary is padded to a multiple of 32 only, so that TP up to 4 pads a 128-entry
-    vocabulary to the same 128 rows (Megatron's 128 x TP would give each TP a different model).
+    The vocabulary keeps Megatron's padding to a multiple of 128 x TP: TP=1, 2, 4 pad 128 tokens
+    to 128, 256, 512 rows, and the padding must not change the model (its logits are -inf).
     """
     argv = [
         f"--num-layers={spec.num_layers}", f"--hidden-size={spec.hidden_size}",
         f"--num-attention-heads={spec.num_attention_heads}", f"--seq-length={spec.seq_length}",
-        f"--vocab-size={spec.vocab_size}", "--mock-data", "--make-vocab-size-divisible-by=32",
+        f"--vocab-size={spec.vocab_size}", "--mock-data",
         f"--micro-batch-size={spec.micro_batch_size}",
         f"--global-batch-size={spec.global_batch_size}", f"--train-iters={spec.train_iters}",
         f"--lr={spec.lr}", f"--seed={spec.seed}", "--hidden-dropout=0", "--attention-dropout=0",
