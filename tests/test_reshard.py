@@ -145,3 +145,23 @@ def test_interleaved_round_trip_keeps_every_tensor(trained, tmp_path):
                 if name != "model.pt":
                     assert a.pop("format") == b.pop("format") == PARAMS_FORMAT
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_optimizer_files_without_state_index_regather_the_same(trained, tmp_path):
+    """Files saved before ``state_index`` existed: the piece order is rebuilt from the groups."""
+    import shutil
+
+    root, _ = trained
+    old = tmp_path / "old"
+    shutil.copytree(root / "orig", old)
+    for path in old.glob("iter_*/mp_rank_*/optim_dp*.pt"):
+        state = torch.load(path, weights_only=True)
+        assert state.pop("state_index")
+        torch.save(state, path)
+    reshard(old, tmp_path / "a", 1, 1)
+    reshard(root / "orig", tmp_path / "b", 1, 1)
+    files = [f"iter_0000005/mp_rank_00_000/{n}" for n in ("model.pt", ckpt.PARAMS_OPTIM_FILE)]
+    for name in files:
+        a = torch.load(tmp_path / "a" / name, weights_only=True)
+        b = torch.load(tmp_path / "b" / name, weights_only=True)
+        torch.testing.assert_close(a.get("params", a), b.get("params", b), rtol=0, atol=0)

@@ -1,0 +1,166 @@
+"""Resharding units, single process: split rules against the layers' own attributes, reshards
+against shards cut by the model's own `shard_tensor`, vocabulary re-padding, skeleton files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megalite.checkpoint import layout as L
+from megalite.checkpoint.reshard import load_full_model, reshard
+from megalite.checkpoint.streaming import filling, write_skeleton
+from megalite.model import GPTConfig, build_model
+from megalite.tensor_parallel.utils import shard_tensor
+from megalite.training import checkpointing as ckpt
+
+SHAPE = dict(num_layers=4, hidden_size=32, num_attention_heads=8, num_query_groups=4,
+             ffn_hidden_size=64, seq_length=8, make_vocab_size_divisible_by=32)  # fmt: skip
+STYLES = {
+    "llama-tied": dict(normalization="RMSNorm", activation="swiglu",
+                       position_embedding_type="rope"),
+    "gpt2-untied-bias": dict(untie_embeddings_and_output_weights=True),
+    "llama-untied-bias": dict(normalization="RMSNorm", activation="swiglu",
+                              position_embedding_type="rope", add_bias_linear=True,
+                              untie_embeddings_and_output_weights=True),
+}  # fmt: skip
+RUN_ARGS = {  # what the trainer's flags would store for STYLES (meta.json args)
+    "llama-tied": dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+                       disable_bias_linear=True),
+    "gpt2-untied-bias": dict(untie_embeddings_and_output_weights=True),
+    "llama-untied-bias": dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+                              untie_embeddings_and_output_weights=True),
+}  # fmt: skip
+
+
+def one_process_model(style: str, vocab: int) -> torch.nn.Module:
+    extra = dict(STYLES[style])
+    if style == "llama-tied":
+        extra["add_bias_linear"] = False
+    (model,) = build_model(GPTConfig(vocab_size=vocab, **SHAPE, **extra), 5,
+                           use_parallel_state=False)  # fmt: skip
+    return model
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_split_rules_match_the_layers_attributes(style):
+    model = one_process_model(style, 64)
+    swiglu = STYLES[style].get("activation") == "swiglu"
+    for name, p in model.named_parameters():
+        rule = L.split_rule(name, swiglu)
+        if getattr(p, "tensor_model_parallel", False):
+            assert (rule.dim, rule.stride) == (p.partition_dim, p.partition_stride), name
+        else:
+            assert rule.dim is None, name
+
+
+def write_sharded(root: Path, model, style: str, vocab: int, tp: int, pp: int) -> None:
+    """Cut a one-process model into a TP x PP checkpoint with the layers' own attributes."""
+    args = dict(SHAPE, **RUN_ARGS[style], vocab_size=vocab, mock_data=True,
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                padded_vocab_size=L.vocab_size_with_padding(vocab, 32, tp))  # fmt: skip
+    config = L.config_from_args(args)
+    folder = ckpt.iteration_dir(root, 3)
+    params = dict(model.named_parameters())
+    tied = not config.untie_embeddings_and_output_weights
+    if tied and pp > 1:
+        params[L.OUTPUT_LAYER] = params[L.WORD_EMBEDDING]
+    for t in range(tp):
+        for p in range(pp):
+            state = {}
+            for name, w in params.items():
+                if L.place(config, name)[0] != p:
+                    continue
+                w = w.detach()
+                if L.split_rule(name, False).vocab:  # pad the vocabulary as a TP run would
+                    w = L.resize_vocab(w, args["padded_vocab_size"], vocab)
+                attr = params[name] if name != L.OUTPUT_LAYER else params[L.WORD_EMBEDDING]
+                if getattr(attr, "tensor_model_parallel", False):
+                    w = shard_tensor(w, attr.partition_dim, tp, t, attr.partition_stride)
+                state[name] = w.clone()
+            shard = ckpt.shard_dir(folder, t, p)
+            shard.mkdir(parents=True)
+            torch.save({"chunk0": state}, shard / "model.pt")
+    meta = {"args": args, "iteration": 3, "consumed_train_samples": 24}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    (root / ckpt.TRACKER).write_text("3\n")
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_reshard_joins_and_cuts_as_the_layers_do(tmp_path, style):
+    vocab = 64  # no padding at TP 1 or 2 with divisible-by 32
+    model = one_process_model(style, vocab)
+    write_sharded(tmp_path / "tp2pp2", model, style, vocab, 2, 2)
+    reshard(tmp_path / "tp2pp2", tmp_path / "tp1", 1, 1)
+    _, full = load_full_model(tmp_path / "tp1")
+    want = model.state_dict()
+    assert full.keys() == want.keys()
+    for name in want:
+        assert torch.equal(full[name], want[name]), name
+    # TP 2 x PP 2 -> TP 4 x PP 1 -> the model's own TP=4 shards (vocab 64 pads to 128 at TP 4).
+    reshard(tmp_path / "tp2pp2", tmp_path / "tp4", 4, 1)
+    write_sharded(tmp_path / "direct4", model, style, vocab, 4, 1)
+    for t in range(4):
+        shard = f"iter_0000003/mp_rank_{t:02d}_000/model.pt"
+        got = torch.load(tmp_path / "tp4" / shard, weights_only=True)["chunk0"]
+        direct = torch.load(tmp_path / "direct4" / shard, weights_only=True)["chunk0"]
+        assert got.keys() == direct.keys()
+        for name in direct:  # the vocabulary's 64 new rows are zeros on both sides
+            assert torch.equal(got[name], direct[name]), name
+
+
+def test_vocab_padding_changes_with_tp(tmp_path):
+    """50 tokens: 64 rows at TP 2, 128 at TP 4; real rows kept, new ones repeat the last pad."""
+    model = one_process_model("gpt2-untied-bias", 50)
+    write_sharded(tmp_path / "tp2", model, "gpt2-untied-bias", 50, 2, 1)
+    reshard(tmp_path / "tp2", tmp_path / "tp4", 4, 2)
+    meta, full = load_full_model(tmp_path / "tp4")
+    assert meta["args"]["padded_vocab_size"] == 128
+    for name in L.VOCAB_PARAMS:
+        original = model.state_dict()[name]  # 64 rows: 50 real + 14 padding
+        got = full[name]
+        assert got.shape == (128, 32)
+        assert torch.equal(got[:64], original)
+        assert torch.equal(got[64:], original[-1:].expand(64, 32))
+    reshard(tmp_path / "tp4", tmp_path / "tp1", 1, 1)
+    _, back = load_full_model(tmp_path / "tp1")
+    for name, want in model.state_dict().items():
+        assert torch.equal(back[name], want), name
+
+
+def test_resize_vocab_rules():
+    full = torch.arange(12.0).view(6, 2)
+    assert torch.equal(L.resize_vocab(full, 8, 4)[6:], full[-1:].expand(2, 2))
+    assert torch.equal(L.resize_vocab(full, 8, 6)[6:], torch.zeros(2, 2))  # no pad row to copy
+    assert torch.equal(L.resize_vocab(full, 4, 4), full[:4])
+    with pytest.raises(ValueError, match="it has 5 tokens"):
+        L.resize_vocab(full, 4, 5)
+
+
+def test_merge_is_the_inverse_of_shard_tensor():
+    full = torch.randn(24, 6)
+    for dim, stride in ((0, 1), (0, 2), (1, 1)):
+        rule = L.Split(dim, stride)
+        for tp in (1, 2, 3):
+            shards = [shard_tensor(full, dim, tp, r, stride) for r in range(tp)]
+            assert torch.equal(L.merge_shards(shards, rule), full)
+            assert all(
+                torch.equal(L.split_full(full, rule, tp, r), s) for r, s in enumerate(shards)
+            )
+
+
+def test_skeleton_is_filled_in_place_and_loads_weights_only(tmp_path):
+    path = tmp_path / "s.pt"
+    tree = {"chunk0": {"a": torch.empty(3, 4), "b": torch.empty(5, dtype=torch.bfloat16)}, "x": 7}
+    write_skeleton(tree, path)
+    with filling(path) as t:
+        t["chunk0"]["a"].copy_(torch.arange(12.0).view(3, 4))
+    with filling(path) as t:
+        t["chunk0"]["b"].copy_(torch.ones(5))
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["chunk0"]["a"], torch.arange(12.0).view(3, 4))
+    assert loaded["chunk0"]["b"].dtype == torch.bfloat16 and loaded["chunk0"]["b"].sum() == 5
+    assert loaded["x"] == 7
