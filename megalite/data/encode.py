@@ -15,8 +15,9 @@ from typing import Optional
 
 import numpy as np
 
+from megalite.data.chunking import gather_segments, merge_groups, ragged
 from megalite.data.indexed_dataset import _Growable
-from megalite.data.tokenizers import Tokenizer, gather_segments, merge_groups, ragged
+from megalite.data.tokenizers import Tokenizer
 
 _EOD_KEY = -1  # the memo key of the eod "chunk"; every real key is bytes, so it cannot clash
 
