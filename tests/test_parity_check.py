@@ -87,6 +87,7 @@ def test_cli_refuses_a_bad_layout_before_running_anything():
     assert run.returncode == 2 and "layout 'tp2q': cannot read 'q'" in run.stderr
 
 
+@pytest.mark.slow
 def test_cli_table_and_exit_status(tmp_path):
     """Spawns 1 + 1 + 2 + 2 ranks: tp2 passes; tp2 in bf16 against a tolerance of 1e-12 (bf16
     rounds TP's partial sums differently) is reported and makes the exit status 1."""
