@@ -195,6 +195,22 @@ def pretrain_argv(layout: Layout, spec: ModelSpec, workdir: Path) -> list[str]:
     return argv + list(spec.extra)
 
 
+def preflight(layouts: Sequence[Layout], spec: ModelSpec, workdir: Path) -> list[str]:
+    """Every layout's flags through megalite-pretrain's own validation, before any rank starts:
+    a layout that cannot run (heads or batch not divisible, ...) is named up front."""
+    from megalite.training.arguments import ArgumentError, parse_args, validate_args
+
+    problems = []
+    for lay in layouts:
+        folder = workdir / lay.name
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            validate_args(parse_args(pretrain_argv(lay, spec, folder)), lay.world_size)
+        except (LayoutSyntaxError, ArgumentError) as e:
+            problems.append(f"{lay.name}: {e}")
+    return problems
+
+
 def read_losses(metrics_file: Path) -> list[float]:
     """Training `lm_loss` per iteration from a `--metrics-file` (validation lines skipped)."""
     records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line]
@@ -402,6 +418,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     layouts = [lay for lay in layouts if lay not in references]
     tolerances = {False: a.tolerance, True: a.bf16_tolerance}
     workdir = Path(a.workdir or tempfile.mkdtemp(prefix="megalite-check-"))
+    problems = preflight(references + layouts, spec, workdir)
+    if problems:
+        parser.error("layouts that cannot run this model:\n  " + "\n  ".join(problems))
     start = time.monotonic()
     print(
         f"megalite-check: {len(layouts)} layouts x {spec.train_iters} iterations, "

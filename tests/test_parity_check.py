@@ -20,6 +20,7 @@ from megalite.check import (
     max_relative_deviation,
     parse_layout,
 )
+from megalite.check import main as check_main
 from tests.harness import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +86,19 @@ def _check(*argv: str) -> subprocess.CompletedProcess:
 def test_cli_refuses_a_bad_layout_before_running_anything():
     run = _check("tp2q")
     assert run.returncode == 2 and "layout 'tp2q': cannot read 'q'" in run.stderr
+
+
+def test_layouts_the_model_cannot_take_are_named_before_any_rank_starts(tmp_path, capsys):
+    """megalite-pretrain's own validation, in the checking process: exit 2, no run folder."""
+    with pytest.raises(SystemExit) as e:
+        check_main(["tp3", "pp8", "pp2vp4", "dp2", f"--workdir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "tp3: --num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3" in err
+    assert "pp8: --num-layers 4 is not divisible by --pipeline-model-parallel-size 8" in err
+    assert "pp2vp4: 4 layers do not split into pp2 x vp4 chunks" in err
+    assert "dp2:" not in err
+    assert not list(tmp_path.rglob("metrics.jsonl"))
 
 
 @pytest.mark.slow
