@@ -209,3 +209,23 @@ def test_tokenizers_are_exported_for_auto_tokenizer(tmp_path):
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     sample = "the lazy fox jumps over the quick dog"
     assert theirs(sample, add_special_tokens=False)["input_ids"] == ours.tokenize(sample)
+
+
+def test_cli_export_then_import_prints_matching_flags(tmp_path, capsys):
+    from tests.test_reshard_units import _tool
+
+    save_model(tmp_path / "ck", LLAMA)
+    assert (
+        _tool("export_hf").main(["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "hf")])
+        == 0
+    )
+    argv = ["--hf", str(tmp_path / "hf"), "--save", str(tmp_path / "back")]
+    argv += ["--pipeline-model-parallel-size", "2", "--make-vocab-size-divisible-by", "16"]
+    assert _tool("import_hf").main(argv) == 0
+    out = capsys.readouterr().out
+    assert "--finetune" in out and "--num-query-groups 2" in out and "--swiglu" in out
+    assert (
+        _tool("export_hf").main(["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "hf")])
+        == 2
+    )
+    assert "is not empty" in capsys.readouterr().err

@@ -164,3 +164,31 @@ def test_skeleton_is_filled_in_place_and_loads_weights_only(tmp_path):
     assert torch.equal(loaded["chunk0"]["a"], torch.arange(12.0).view(3, 4))
     assert loaded["chunk0"]["b"].dtype == torch.bfloat16 and loaded["chunk0"]["b"].sum() == 5
     assert loaded["x"] == 7
+
+
+def _tool(name: str):
+    """tools/<name>.py as a module (its `main(argv)` is the CLI)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_reshards_and_refuses_with_exit_status_2(tmp_path, capsys):
+    model = one_process_model("llama-tied", 64)
+    write_sharded(tmp_path / "src", model, "llama-tied", 64, 2, 2)
+    cli = _tool("checkpoint_reshard")
+    base = ["--load", str(tmp_path / "src"), "--target-pipeline-model-parallel-size", "1"]
+    assert (
+        cli.main(base + ["--save", str(tmp_path / "ok"), "--target-tensor-parallel-size", "1"]) == 0
+    )
+    assert ckpt.read_tracker(tmp_path / "ok") == 3
+    bad = base + ["--save", str(tmp_path / "bad"), "--target-tensor-parallel-size", "16"]
+    assert cli.main(bad) == 2
+    assert "num_attention_heads (8) is not divisible by tensor-model-parallel size (16)" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "bad").exists()
