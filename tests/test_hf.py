@@ -229,3 +229,19 @@ def test_cli_export_then_import_prints_matching_flags(tmp_path, capsys):
         == 2
     )
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_sharded_safetensors_export_loads_and_imports(tmp_path):
+    """Past max_shard_bytes: numbered shards + model.safetensors.index.json, both directions."""
+    save_model(tmp_path / "ck", LLAMA)
+    export_hf(tmp_path / "ck", tmp_path / "hf", max_shard_bytes=40_000)
+    index = json.loads((tmp_path / "hf/model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    ours = megalite_logits(tmp_path / "ck", TOKENS)[..., :VOCAB]
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", TOKENS), ours, rtol=0, atol=1e-4)
+    import_hf(tmp_path / "hf", tmp_path / "back", 2, 2, divisible=16)
+    _, before = load_full_model(tmp_path / "ck")
+    _, after = load_full_model(tmp_path / "back")
+    for name, want in before.items():
+        rows = VOCAB if name.endswith(("word_embeddings.weight", "output_layer.weight")) else None
+        assert torch.equal(after[name][:rows], want[:rows]), name

@@ -165,3 +165,14 @@ def test_optimizer_files_without_state_index_regather_the_same(trained, tmp_path
         a = torch.load(tmp_path / "a" / name, weights_only=True)
         b = torch.load(tmp_path / "b" / name, weights_only=True)
         torch.testing.assert_close(a.get("params", a), b.get("params", b), rtol=0, atol=0)
+
+
+def test_missing_zero_shard_fails_and_leaves_no_partial_output(trained, tmp_path):
+    import shutil
+
+    root, _ = trained
+    shutil.copytree(root / "orig", tmp_path / "broken")
+    (tmp_path / "broken/iter_0000005/mp_rank_01_001/optim_dp001.pt").unlink()
+    with pytest.raises(ReshardError, match="a DP rank's file is missing"):
+        reshard(tmp_path / "broken", tmp_path / "out", 1, 1)
+    assert list((tmp_path / "out").iterdir()) == []

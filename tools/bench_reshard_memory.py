@@ -5,8 +5,8 @@
 For each depth: writes a synthetic TP=2 x PP=2 x DP=2 ZeRO-1 checkpoint (random weights and
 Adam moments in the trainer's per-DP-rank optimizer format) of a Llama-style GPT into a temporary
 folder, then reshards it to TP=1 x PP=4 in a fresh process and prints that process's peak RSS
-beside a process that only imports the same modules. Memory bounded by a layer shows as a flat
-"above baseline" column while the model grows.
+(VmHWM, Linux) beside a process that only imports the same modules. Memory bounded by a layer
+shows as a flat "above baseline" column while the model grows.
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ from megalite.data_parallel.optimizer import STATE_FORMAT  # noqa: E402
 from megalite.model import build_model  # noqa: E402
 from megalite.training import checkpointing as ckpt  # noqa: E402
 
-PEAK = "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+# VmHWM is the high-water mark of this process's own address space. (ru_maxrss is not: a child
+# started by vfork/posix_spawn inherits its parent's peak across exec, and this parent holds the
+# synthetic model while writing it.) Linux only.
+PEAK = (
+    "print(next(int(line.split()[1]) for line in open('/proc/self/status') "
+    "if line.startswith('VmHWM')))"
+)
 
 
 def make_checkpoint(root: Path, layers: int, hidden: int, vocab: int) -> int:

@@ -92,8 +92,6 @@ def export_hf(
     log: Callable[[str], None] = lambda message: None,
 ) -> dict:
     """Write the newest checkpoint of `load` as a Hugging Face folder; returns config.json."""
-    from safetensors.torch import save_file
-
     folder, meta = ckpt.load_meta(load)
     if folder is None:
         raise ReshardError(f"no checkpoint in {load}")
@@ -107,6 +105,21 @@ def export_hf(
     if out.exists() and any(out.iterdir()):
         raise ReshardError(f"--output {out} exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_hf(src, meta, out, vocab, max_shard_bytes, log)
+    except BaseException:
+        for path in out.iterdir():  # out was new or empty: leave it so
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        raise
+
+
+def _write_hf(
+    src: Source, meta: dict, out: Path, vocab: int, max_shard_bytes: int, log: Callable
+) -> dict:
+    """The weights (unit by unit), config.json and tokenizer files of an export."""
+    from safetensors.torch import save_file
+
+    c = src.config
     shards: list[dict[str, torch.Tensor]] = [{}]
     size, dtype = 0, None
     files: list[str] = []

@@ -255,6 +255,8 @@ def fill_unit(dst: GPTConfig, tmp: Path, full: dict[str, dict], with_optim: bool
                 flat = {n: w for chunk in model.values() for n, w in chunk.items()}
                 for n in names:
                     flat[n].copy_(L.split_full(full[n]["weight"], L.split_rule(n, swiglu), tp, t))
+                del flat
+            del model  # unmap before the next file: only one unit's pages are ever resident
             if not with_optim:
                 continue
             with filling(folder / ckpt.PARAMS_OPTIM_FILE) as optim:
@@ -263,6 +265,7 @@ def fill_unit(dst: GPTConfig, tmp: Path, full: dict[str, dict], with_optim: bool
                     for k in MOMENTS:
                         optim["params"][n][k].copy_(L.split_full(full[n][k], rule, tp, t))
                     optim["params"][n]["step"].copy_(full[n]["step"])
+            del optim
 
 
 def plan_target(
@@ -308,7 +311,6 @@ def reshard(
     src = Source(folder, meta)
     known_vocab = true_vocab or L.true_vocab_size(meta["args"])
     names = _target_names(src, dst)
-    with_optim = src.optim is not None
     iteration = meta["iteration"]
     root = Path(save)
     tmp = ckpt.iteration_dir(root, iteration).with_name(f"iter_{iteration:07d}.tmp")
@@ -316,6 +318,26 @@ def reshard(
     if tmp.exists():  # left by a crashed run: never complete, never referenced
         shutil.rmtree(tmp)
     tmp.mkdir()
+    try:
+        _convert(src, dst, rows, names, known_vocab, tmp, log)
+        _write_meta(tmp / "meta.json", meta, dst, rows, folder, src.optim is not None)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never complete: leave `save` as it was
+        raise
+    return ckpt.publish_iteration(root, iteration, tmp)
+
+
+def _convert(
+    src: Source,
+    dst: GPTConfig,
+    rows: int,
+    names: dict,
+    known_vocab: Optional[int],
+    tmp: Path,
+    log: Callable[[str], None],
+) -> None:
+    """Write every target file under `tmp`, one unit at a time, and fsync them."""
+    with_optim = src.optim is not None
     shards = write_skeletons(dst, rows, names, with_optim, src.grad_scaler(), tmp)
     tied_copy = L.OUTPUT_LAYER in names and not dst.untie_embeddings_and_output_weights
     for unit, unit_names in _units(list(names)):
@@ -338,8 +360,6 @@ def reshard(
     for t, p in shards:
         for path in ckpt.shard_dir(tmp, t, p).iterdir():
             fsync_file(path)
-    _write_meta(tmp / "meta.json", meta, dst, rows, folder, with_optim)
-    return ckpt.publish_iteration(root, iteration, tmp)
 
 
 def _write_meta(
