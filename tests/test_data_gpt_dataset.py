@@ -199,6 +199,34 @@ def test_dataloader_batches_and_pickling(data, tmp_path):
     assert copy[5]["tokens"].tolist() == gpt[5]["tokens"].tolist()
 
 
+def _ranks_build(path: list[str], cache: str, late_rank: int) -> list[list[int]]:
+    """On every rank: build the blended train set with torch.distributed hooks."""
+    import time
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == late_rank:
+        time.sleep(1.0)  # arrives after the builder has written the files: must not hang
+    is_builder, barrier = index_cache.distributed_hooks()
+    train, _, _ = build_train_valid_test_datasets(
+        path, "90,8,2", 8, 1234, (2000, 100, 10), cache, is_builder, barrier
+    )
+    return [train[i]["tokens"].tolist() for i in range(0, 2000, 37)]
+
+
+@pytest.mark.parametrize("late_rank", [0, 1])
+def test_every_rank_gets_the_same_order_under_torch_distributed(data, tmp_path, late_rank):
+    """World size 2 on gloo: local rank 0 builds, rank 1 loads; identical samples on both."""
+    from tests.harness import run_distributed
+
+    cache = str(tmp_path / "cache")
+    path = ["0.3", data["a"], "0.7", data["b"]]
+    orders = run_distributed(2, _ranks_build, path, cache, late_rank, timeout=120)
+    assert orders[0] == orders[1]
+    # train, valid, test: 3 index arrays per dataset and 2 for the blend, written once
+    assert len([f for f in os.listdir(cache) if f.endswith(".npy")]) == 3 * (2 * 3 + 2)
+
+
 def test_distributed_hooks_single_process():
     is_builder, barrier = index_cache.distributed_hooks()
     assert is_builder() is True and barrier() is None
