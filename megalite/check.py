@@ -4,7 +4,7 @@ Trains one small GPT (same seed, same mock data, dropout off) for N iterations a
 layout, spawning the ranks itself (one process per rank on this machine, gloo, or NCCL when there
 is a GPU per rank), and compares the loss of every iteration with a one-process run::
 
-    megalite-check --all                         # the standard matrix (below), ~2 min on 2 cores
+    megalite-check --all                         # the standard matrix (below), ~3.5 min on 2 cores
     megalite-check tp2 pp2vp2 tp2pp2dp2z1        # chosen layouts
     megalite-check --hidden-size 64 tp4 -- --swiglu --normalization RMSNorm   # any model flags
 
@@ -315,7 +315,7 @@ class Result:
 
 
 def run_layout(
-    layout: Layout, spec: ModelSpec, workdir: Path, timeout: float, backend: Optional[str]
+    layout: Layout, spec: ModelSpec, workdir: Path, timeout: float, backend: str
 ) -> Result:
     """Train `spec` at `layout` on freshly spawned ranks and read back its losses."""
     folder = workdir / layout.name
@@ -324,9 +324,6 @@ def run_layout(
     metrics = folder / "metrics.jsonl"
     argv = pretrain_argv(layout, spec, folder)
     argv += [f"--metrics-file={metrics}", "--distributed-timeout-minutes=1"]
-    gpus = _cuda_count()
-    if backend is None:  # NCCL needs a GPU per rank; gloo on the CPU otherwise
-        backend = "nccl" if gpus >= layout.world_size else "gloo"
     argv.append(f"--distributed-backend={backend}")
     codes = wait_all(spawn_ranks(layout.world_size, argv, folder), timeout)
     if any(codes) or not metrics.exists():
@@ -390,8 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=spec.lr)
     p.add_argument("--tolerance", type=float, default=FP32_TOLERANCE, help="fp32 max rel dev")
     p.add_argument("--bf16-tolerance", type=float, default=BF16_TOLERANCE)
-    p.add_argument("--backend", choices=["gloo", "nccl"], default=None,
-                   help="default: nccl when there is a GPU per rank, else gloo")  # fmt: skip
+    p.add_argument(
+        "--backend",
+        choices=["gloo", "nccl"],
+        default=None,
+        help="default: nccl with a GPU per rank of the largest layout, else gloo",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per layout")
     p.add_argument("--workdir", default=None, help="keep every run's logs and metrics here")
     return p
@@ -421,15 +422,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     problems = preflight(references + layouts, spec, workdir)
     if problems:
         parser.error("layouts that cannot run this model:\n  " + "\n  ".join(problems))
+    # One backend for every run, reference included: NCCL needs a GPU per rank of the largest
+    # layout, and CPU and GPU runs would differ by more than round-off.
+    world = max(lay.world_size for lay in references + layouts)
+    backend = a.backend or ("nccl" if _cuda_count() >= world else "gloo")
     start = time.monotonic()
     print(
         f"megalite-check: {len(layouts)} layouts x {spec.train_iters} iterations, "
-        f"{spec.num_layers}-layer GPT hidden {spec.hidden_size}; runs in {workdir}",
+        f"{spec.num_layers}-layer GPT hidden {spec.hidden_size}, {backend}; runs in {workdir}",
         flush=True,
     )
     results, refs = [], {}
     for lay in references + layouts:
-        r = run_layout(lay, spec, workdir, a.timeout, a.backend)
+        r = run_layout(lay, spec, workdir, a.timeout, backend)
         if lay in references:
             refs[lay] = r
         else:
