@@ -30,7 +30,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 # --- export ------------------------------------------------------------------------------------
-def _tokenizer_files(args: dict, out: Path, kind: str) -> tuple[list[str], dict]:
+def _tokenizer_files(args: dict, out: Path) -> tuple[list[str], dict]:
     """Copy the run's tokenizer for ``AutoTokenizer``; returns (files, special token ids)."""
     tok_type, model = args.get("tokenizer_type"), args.get("tokenizer_model")
     written: list[str] = []
@@ -156,7 +156,7 @@ def _write_hf(
         _write_json(
             out / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
         )
-    tokenizer, ids = _tokenizer_files(meta["args"], out, H.hf_kind(c))
+    tokenizer, ids = _tokenizer_files(meta["args"], out)
     config = H.hf_config(c, vocab, dtype or torch.float32, ids)
     _write_json(out / "config.json", config)
     log(f"wrote {', '.join(names + tokenizer + ['config.json'])}")
