@@ -206,3 +206,61 @@ def test_finetune_and_no_load_optim(tmp_path):
     rows = [json.loads(line) for line in no_opt.read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [5, 6]
     assert rows[0]["consumed_samples"] == 5 * 8
+
+
+def test_preprocessed_null_tokenizer_data_trains(tmp_path):
+    """Real .bin/.idx data: NullTokenizer's eod is id V, so the model's vocabulary is V + 1."""
+    from megalite.data.preprocess import main as preprocess_main
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text(
+        "".join(
+            json.dumps({"text": " ".join(str((i * 7 + j) % 64) for j in range(40))}) + "\n"
+            for i in range(60)
+        )
+    )
+    prefix = tmp_path / "null"
+    assert (
+        preprocess_main(
+            [
+                "--input",
+                str(corpus),
+                "--output-prefix",
+                str(prefix),
+                "--tokenizer-type",
+                "NullTokenizer",
+                "--vocab-size",
+                "64",
+                "--append-eod",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    metrics = tmp_path / "m.jsonl"
+    argv = " ".join(TINY).replace("--mock-data ", "").replace("--vocab-size 128", "").split()
+    # no padding: without the eod slot an --append-eod id would fall off the embedding
+    argv += [
+        "--vocab-size",
+        "64",
+        "--make-vocab-size-divisible-by",
+        "1",
+        "--data-path",
+        f"{prefix}_text_document",
+        "--split",
+        "90,10,0",
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--train-iters",
+        "6",
+        "--eval-interval",
+        "3",
+        "--data-cache-path",
+        str(tmp_path / "cache"),
+        "--metrics-file",
+        str(metrics),
+    ]
+    assert run_distributed(2, _pretrain, argv) == [0, 0]
+    assert [i for i, _ in _losses(metrics)] == list(range(1, 7))
+    assert len(_losses(metrics, "valid")) == 2

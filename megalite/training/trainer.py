@@ -185,10 +185,11 @@ class Trainer:
     # --- building -----------------------------------------------------------------------------
     def _vocab_size(self) -> int:
         a = self.args
-        if a.mock_data or a.tokenizer_type == "NullTokenizer":
+        if a.mock_data:  # synthetic ids 0..V-1
             if a.vocab_size is None:
-                raise ValueError("--vocab-size is required with --mock-data / NullTokenizer")
+                raise ValueError("--vocab-size is required with --mock-data")
             return a.vocab_size
+        # NullTokenizer included: its eod is id V, so its vocabulary holds V + 1 entries
         from megalite.data.tokenizers import build_tokenizer
 
         tok = build_tokenizer(
