@@ -176,3 +176,50 @@ def test_missing_zero_shard_fails_and_leaves_no_partial_output(trained, tmp_path
     with pytest.raises(ReshardError, match="a DP rank's file is missing"):
         reshard(tmp_path / "broken", tmp_path / "out", 1, 1)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def _load_per_parameter_state(zero_stage: int, bf16: bool) -> None:
+    """Every DP rank slices its own pieces out of one per-parameter optimizer state."""
+    from torch import nn
+
+    from megalite import parallel_state as ps
+    from megalite.data_parallel import DistributedDataParallel, OptimizerConfig, build_optimizer
+
+    ps.initialize_model_parallel(1, 1)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 5)).to(dtype)
+    ddp = DistributedDataParallel(model, ps.get_data_parallel_group(), 50, False, zero_stage)
+    config = OptimizerConfig(lr=1e-2, weight_decay=0.1, zero_stage=zero_stage, bf16=bf16)
+    opt = build_optimizer(config, [ddp])
+    g = torch.Generator().manual_seed(1)  # the same on every rank
+    params = {
+        name: {
+            "main": torch.randn(p.shape, generator=g),
+            "exp_avg": torch.randn(p.shape, generator=g),
+            "exp_avg_sq": torch.rand(p.shape, generator=g),
+            "step": torch.tensor(4.0),
+        }
+        for name, p in model.named_parameters()
+    }
+    for name, p in model.named_parameters():  # the model file holds the rounded main params
+        p.data.copy_(params[name]["main"])
+    opt.load_state_dict({"format": PARAMS_FORMAT, "params": params, "grad_scaler": None})
+    total = sum(p.numel() for p in model.parameters())
+    owned = sum(pc.end - pc.start for pc in opt.pieces)
+    assert owned == total if zero_stage == 0 else 0 < owned < total  # ZeRO: a DP shard only
+    for piece in opt.pieces:
+        want = params[piece.name]
+        cut = slice(piece.start, piece.end)
+        assert torch.equal(piece.main, want["main"].view(-1)[cut])  # fp32, not the bf16 weight
+        adam = opt.optimizer.state[piece.main]
+        assert torch.equal(adam["exp_avg"], want["exp_avg"].view(-1)[cut])
+        assert torch.equal(adam["exp_avg_sq"], want["exp_avg_sq"].view(-1)[cut])
+        assert float(adam["step"]) == 4.0
+    decays = {group["weight_decay"] for group in opt.param_groups}  # this run's, not the file's
+    assert decays == {0.0, 0.1} if zero_stage == 0 else decays <= {0.0, 0.1}
+
+
+@pytest.mark.parametrize("zero_stage,bf16", [(0, False), (1, True), (2, True)])
+def test_optimizer_loads_per_parameter_state_at_any_zero_stage(zero_stage, bf16):
+    run_distributed(WORLD, _load_per_parameter_state, zero_stage, bf16)
