@@ -192,3 +192,12 @@ def test_cli_reshards_and_refuses_with_exit_status_2(tmp_path, capsys):
         capsys.readouterr().err
     )
     assert not (tmp_path / "bad").exists()
+
+
+def test_true_vocab_size_follows_the_trainer():
+    """Mock data: V; NullTokenizer on real data: V + 1 (eod = V); a saved value wins."""
+    assert L.true_vocab_size({"mock_data": True, "vocab_size": 50}) == 50
+    assert L.true_vocab_size({"tokenizer_type": "NullTokenizer", "vocab_size": 50}) == 51
+    assert L.true_vocab_size({"true_vocab_size": 7, "vocab_size": 50}) == 7
+    missing = {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": "/nonexistent"}
+    assert L.true_vocab_size(missing) is None

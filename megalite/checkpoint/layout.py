@@ -101,13 +101,15 @@ def resize_vocab(full: torch.Tensor, rows: int, true_vocab: Optional[int]) -> to
 def true_vocab_size(args: dict) -> Optional[int]:
     """The tokenizer's vocabulary size for a run's flags (what the trainer pads), if knowable.
 
-    Mock data and NullTokenizer runs use ``--vocab-size`` as it is (the trainer's rule); other
-    tokenizers are rebuilt from their files when these still exist.
+    The trainer's rule: mock data uses ``--vocab-size`` V as it is, NullTokenizer holds V + 1
+    ids (its eod is V), other tokenizers are rebuilt from their files when these still exist.
     """
     if args.get("true_vocab_size"):
         return int(args["true_vocab_size"])
-    if args.get("mock_data") or args.get("tokenizer_type", "NullTokenizer") == "NullTokenizer":
+    if args.get("mock_data"):
         return args.get("vocab_size")
+    if args.get("tokenizer_type", "NullTokenizer") == "NullTokenizer":
+        return None if args.get("vocab_size") is None else int(args["vocab_size"]) + 1
     paths = [args.get(k) for k in ("tokenizer_model", "vocab_file", "merge_file")]
     if not any(p and os.path.exists(p) for p in paths):
         return None
