@@ -37,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"unigram baseline: {base:.3f} nats/token (ppl {math.exp(base):.1f})")
     step = max(1, len(train) // 8)
     for r in train[::step] + ([train[-1]] if (len(train) - 1) % step else []):
-        print(f"  iteration {r['iteration']:>5}  lm loss {r['lm_loss']:.3f}  "
-              f"tokens/s {r['tokens_per_sec']:.0f}")
+        print(
+            f"  iteration {r['iteration']:>5}  lm loss {r['lm_loss']:.3f}  "
+            f"tokens/s {r['tokens_per_sec']:.0f}"
+        )
     if valid:
         v = valid[-1]
         print(f"  validation at {v['iteration']}: lm loss {v['lm_loss']:.3f}")

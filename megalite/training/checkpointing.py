@@ -44,6 +44,7 @@ MODEL_SHAPE_ARGS = (
     "num_query_groups",
     "ffn_hidden_size",
     "padded_vocab_size",
+    "true_vocab_size",
     "max_position_embeddings",
     "normalization",
     "swiglu",

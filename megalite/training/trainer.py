@@ -132,6 +132,7 @@ class Trainer:
         tokenizer_vocab = self._vocab_size()
         self.config = model_config(a, tokenizer_vocab)
         a.padded_vocab_size = self.config.padded_vocab_size
+        a.true_vocab_size = tokenizer_vocab  # reshard/export tools read it from meta.json
         self.chunks = build_model(self.config, a.seed, device=self.device)
         self.iteration, self.consumed, self.consumed_valid = 0, 0, 0
         self.schedule = LRSchedule(
