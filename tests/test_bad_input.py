@@ -233,3 +233,22 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(ckpt_copy, tmp_pat
     errors = fails_cleanly(argv, ckpt_copy, "No space left on device", full_disk="rng_dp001")
     assert f"iteration {SAVED_ITERATION} is intact" in errors[0]
     assert "rank 1" in errors[0]
+
+
+def test_token_ids_outside_the_vocabulary(ckpt_copy, tmp_path):
+    """Data tokenized for a bigger vocabulary: a clear error naming the sample, not an
+    IndexError (TP=1) or an inf loss that trains on (TP=2)."""
+    prefix = tmp_path / "corpus_text_document"
+    _tiny_dataset(prefix, vocab=500)
+    argv = _data_flags(tmp_path, str(prefix)) + ["--vocab-size=100"]
+    errors = fails_cleanly(argv, ckpt_copy, "outside the vocabulary of 101", load=False)
+    assert "holds token id" in errors[1]
+
+
+def test_a_corrupt_shard_on_one_rank_fails_every_rank_with_its_reason(ckpt_copy, tmp_path):
+    """Only DP rank 1 reads rng_dp001.pt: every rank must still stop with rank 1's reason
+    (loads agree like saves do), instead of rank 0 seeing a peer vanish or hanging."""
+    shard = ckpt_copy / f"iter_{SAVED_ITERATION:07d}" / "mp_rank_00_000" / "rng_dp001.pt"
+    shard.write_bytes(b"not a checkpoint")
+    errors = fails_cleanly(_flags(Layout(dp=2), tmp_path), ckpt_copy, "rank 1: refusing to load")
+    assert str(shard) in errors[0] and str(shard) in errors[1]

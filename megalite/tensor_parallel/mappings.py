@@ -14,6 +14,7 @@ group of size 1 (no communication is issued).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -30,6 +31,20 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 def _world(group: Group) -> int:
     return group_rank_and_size(group)[1]
+
+
+def _identity_when_alone(fn):
+    """A group of one rank (or None) needs no collective and no autograd node: return `x`.
+
+    Skipping the Function call matters at TP=1, where every linear would otherwise pay for two
+    no-op autograd nodes per step (measured by tools/bench_overhead.py).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, group: Group, *args):
+        return x if _world(group) == 1 else fn(x, group, *args)
+
+    return wrapper
 
 
 def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -204,31 +219,37 @@ class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
         return _gather_first(grad, ctx.group), None
 
 
+@_identity_when_alone
 def copy_to_tensor_model_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Identity forward, all-reduce backward (input of a column-parallel linear)."""
     return _CopyToModelParallelRegion.apply(x, group)
 
 
+@_identity_when_alone
 def reduce_from_tensor_model_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     """All-reduce forward, identity backward (output of a row-parallel linear)."""
     return _ReduceFromModelParallelRegion.apply(x, group)
 
 
+@_identity_when_alone
 def scatter_to_tensor_model_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     """``[.., h] -> [.., h/tp]``: this rank's chunk of the last dim; all-gather backward."""
     return _ScatterToModelParallelRegion.apply(x, group)
 
 
+@_identity_when_alone
 def gather_from_tensor_model_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     """``[.., h/tp] -> [.., h]``: all-gather the last dim; split backward."""
     return _GatherFromModelParallelRegion.apply(x, group)
 
 
+@_identity_when_alone
 def scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     """``[s, ..] -> [s/tp, ..]``: this rank's chunk of the sequence; all-gather backward."""
     return _ScatterToSequenceParallelRegion.apply(x, group)
 
 
+@_identity_when_alone
 def gather_from_sequence_parallel_region(
     x: torch.Tensor, group: Group, tensor_parallel_output_grad: bool = True
 ) -> torch.Tensor:
@@ -236,6 +257,7 @@ def gather_from_sequence_parallel_region(
     return _GatherFromSequenceParallelRegion.apply(x, group, tensor_parallel_output_grad)
 
 
+@_identity_when_alone
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     """``[s, ..] -> [s/tp, ..]``: sum over TP ranks, keep this rank's chunk; all-gather backward."""
     return _ReduceScatterToSequenceParallelRegion.apply(x, group)

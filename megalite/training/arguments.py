@@ -312,6 +312,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         "give --data-path PREFIX (or --mock-data for synthetic tokens)",
     )
     _need(not (args.data_path and args.mock_data), "--data-path and --mock-data exclude each other")
+    if args.vocab_size is not None:
+        _need(args.vocab_size >= 2, f"--vocab-size {args.vocab_size} must be >= 2")
     if args.tokenizer_type == "NullTokenizer":
         _need(args.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
     if args.save_interval is not None:

@@ -52,6 +52,12 @@ MODEL_SHAPE_ARGS = (
     "untie_embeddings_and_output_weights",
     "disable_bias_linear",
 )
+# Shape arguments that are not flags themselves: how the mismatch is named in messages.
+DERIVED_ARGS = {
+    "padded_vocab_size": "padded vocabulary size (from the tokenizer, "
+    "--make-vocab-size-divisible-by and TP)",
+    "true_vocab_size": "vocabulary size (of the tokenizer, or --vocab-size)",
+}
 LAYOUT_ARGS = (
     "tensor_model_parallel_size",
     "pipeline_model_parallel_size",
@@ -156,7 +162,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _agree(error: Optional[str]) -> list[tuple[int, str]]:
+def agree_on_errors(error: Optional[str]) -> list[tuple[int, str]]:
     """All-gather each rank's error (None when fine): every rank learns who failed."""
     if not (dist.is_available() and dist.is_initialized()):
         return [(0, error)] if error else []
@@ -196,7 +202,7 @@ def save_checkpoint(
             tmp.mkdir()
         except OSError as e:
             error = f"{type(e).__name__}: {e}"
-    failures = _agree(error)
+    failures = agree_on_errors(error)
     if not failures:
         error = None
         try:
@@ -217,7 +223,7 @@ def save_checkpoint(
             _fsync_dir(shard)
         except Exception as e:  # noqa: BLE001 - any failure must reach every rank
             error = f"{type(e).__name__}: {e}"
-        failures = _agree(error)
+        failures = agree_on_errors(error)
     if failures:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -266,7 +272,7 @@ def check_compatible(meta: dict, args: Any, path: Path) -> None:
     diffs = []
     for name in MODEL_SHAPE_ARGS + LAYOUT_ARGS:
         if name in saved and getattr(args, name, None) != saved[name]:
-            flag = "--" + name.replace("_", "-")
+            flag = DERIVED_ARGS.get(name, "--" + name.replace("_", "-"))
             diffs.append(f"{flag}: checkpoint {saved[name]!r}, this run {getattr(args, name)!r}")
     if diffs:
         hint = ""

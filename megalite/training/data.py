@@ -60,14 +60,38 @@ def microbatch_indices(
     ]
 
 
-def collate(dataset, indices: list[int], device: Optional[torch.device] = None) -> dict:
-    """``{"tokens", "labels"}`` int64 ``[b, s]`` for the samples `indices` (items hold both)."""
+class DataError(ValueError):
+    """Data that the model cannot take (a token id outside the vocabulary, ...)."""
+
+
+def collate(
+    dataset,
+    indices: list[int],
+    device: Optional[torch.device] = None,
+    vocab_size: Optional[int] = None,
+) -> dict:
+    """``{"tokens", "labels"}`` int64 ``[b, s]`` for the samples `indices` (items hold both).
+
+    With `vocab_size`, a token id outside ``[0, vocab_size)`` is a `DataError` naming the
+    sample: an embedding lookup would crash on it, and a vocab-parallel loss would be inf.
+    """
     n = len(dataset)
     items = [dataset[i % n] for i in indices]  # wraps past the end like a further epoch
     batch = {
         key: torch.stack([torch.as_tensor(it[key], dtype=torch.int64) for it in items])
         for key in ("tokens", "labels")
     }
+    if vocab_size is not None:
+        ids = torch.cat([batch["tokens"], batch["labels"]], dim=1)
+        bad = (ids < 0) | (ids >= vocab_size)
+        if bool(bad.any()):
+            row = int(bad.any(dim=1).nonzero()[0])
+            value = int(ids[row][bad[row]][0])
+            raise DataError(
+                f"sample {indices[row]} of {getattr(dataset, 'name', type(dataset).__name__)} "
+                f"holds token id {value}, outside the vocabulary of {vocab_size}: was the data "
+                f"tokenized with another tokenizer (or --vocab-size too small)?"
+            )
     if device is not None and device.type != "cpu":
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return batch
@@ -81,7 +105,8 @@ def microbatch_iterator(
     dp_rank: int,
     num_microbatches: int,
     device: Optional[torch.device] = None,
+    vocab_size: Optional[int] = None,
 ) -> Iterator[dict]:
     """Yields this DP rank's `num_microbatches` batches of the global batch at `consumed`."""
     for idx in microbatch_indices(consumed, micro_batch, dp_size, dp_rank, num_microbatches):
-        yield collate(dataset, idx, device)
+        yield collate(dataset, idx, device, vocab_size)

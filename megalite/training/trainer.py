@@ -42,6 +42,17 @@ def _node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
+def _fail_together(error: Optional[str], what: str) -> None:
+    """Every rank learns whether any rank failed `what`, and all raise the same message.
+
+    Without this, the rank with a corrupt file stops and the others only see a peer vanish.
+    """
+    failures = ckpt.agree_on_errors(error)
+    if failures:
+        who = "; ".join(f"rank {r}: {e}" for r, e in failures)
+        raise ckpt.CheckpointError(f"{what} failed ({who})")
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (NaN loss, ...); the message says at which iteration."""
 
@@ -169,13 +180,15 @@ class Trainer:
             ]
             self.optimizer = build_optimizer(optimizer_config(a), self.chunks)
             if files is not None and "optimizer" in files:
+                error = None
                 try:
                     self.optimizer.load_state_dict(files["optimizer"])
-                except ValueError as e:
-                    raise ckpt.CheckpointError(
-                        f"{a.load}: {e} (a ZeRO checkpoint resumes at the same DP size; use "
+                except (ValueError, KeyError, RuntimeError) as e:
+                    error = (
+                        f"{e} (a ZeRO checkpoint resumes at the same DP size; use "
                         f"--no-load-optim or tools/checkpoint_reshard.py)"
-                    ) from None
+                    )
+                _fail_together(error, f"loading the optimizer state of {a.load}")
         self.forward_backward = get_forward_backward_func()
         self.tensor_shape = pipeline_tensor_shape(self.config, a.micro_batch_size)
         self.train_ds, self.valid_ds = self._datasets()
@@ -237,15 +250,20 @@ class Trainer:
         ckpt.check_compatible(meta, a, folder)
         coords = {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp_rank}
         load_optim = not (a.no_load_optim or a.finetune or a.deepspeed)
-        files = ckpt.load_shard_files(
-            folder,
-            coords,
-            optim=load_optim,
-            optimizer_sharded=meta["args"].get("zero_stage", 0) > 0,
-            rng=not (a.no_load_rng or a.finetune),
-        )
-        for i, chunk in enumerate(self.chunks):
-            chunk.load_state_dict(files["model"][f"chunk{i}"])
+        files, error = None, None
+        try:
+            files = ckpt.load_shard_files(
+                folder,
+                coords,
+                optim=load_optim,
+                optimizer_sharded=meta["args"].get("zero_stage", 0) > 0,
+                rng=not (a.no_load_rng or a.finetune),
+            )
+            for i, chunk in enumerate(self.chunks):
+                chunk.load_state_dict(files["model"][f"chunk{i}"])
+        except (ckpt.CheckpointError, RuntimeError, KeyError) as e:
+            error = str(e)
+        _fail_together(error, f"loading {folder}")
         if files.get("rng") is not None:
             get_rng_tracker().set_states(ckpt.set_rng_state(files["rng"]))
         if not a.finetune:
@@ -280,6 +298,7 @@ class Trainer:
             self.dp_rank,
             a.num_microbatches,
             self.device,
+            self.config.vocab_size,
         )
         if len(self.chunks) > 1:  # interleaved: every chunk reads the same micro-batches
             batches = list(it)
