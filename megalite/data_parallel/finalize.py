@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.data_parallel.ddp import DistributedDataParallel
+from megalite.model.grads import allreduce_coalesced
 
 
 def _deferred_grads(chunks: list[DistributedDataParallel], attr: str) -> list[torch.Tensor]:
@@ -29,22 +30,10 @@ def _deferred_grads(chunks: list[DistributedDataParallel], attr: str) -> list[to
     return grads
 
 
-def _allreduce_coalesced(grads: list[torch.Tensor], group) -> None:
-    """One all-reduce for all `grads` (flattened together), then copied back."""
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def allreduce_sequence_parallel_grads(chunks: list[DistributedDataParallel], tp_group) -> None:
     """Sum the partial grads of ``sequence_parallel`` params (norms, row biases) over TP."""
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        _allreduce_coalesced(_deferred_grads(chunks, "sequence_parallel"), tp_group)
+        allreduce_coalesced(_deferred_grads(chunks, "sequence_parallel"), tp_group)
 
 
 def allreduce_embedding_grads(chunks: list[DistributedDataParallel], embedding_group) -> None:
@@ -56,7 +45,7 @@ def allreduce_embedding_grads(chunks: list[DistributedDataParallel], embedding_g
         raise RuntimeError(
             f"expected at most one shared_embedding parameter per rank, found {len(grads)}"
         )
-    _allreduce_coalesced(grads, embedding_group)
+    allreduce_coalesced(grads, embedding_group)
 
 
 def finalize_model_grads(

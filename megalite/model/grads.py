@@ -39,7 +39,7 @@ def _marked(model_chunks: Iterable[nn.Module], attr: str) -> list[nn.Parameter]:
     return out
 
 
-def _allreduce_coalesced(grads: list[torch.Tensor], group) -> None:
+def allreduce_coalesced(grads: list[torch.Tensor], group) -> None:
     """One all-reduce (sum) over `group` for all `grads`, flattened together and copied back."""
     if not grads:
         return
@@ -56,7 +56,7 @@ def allreduce_sequence_parallel_grads(model_chunks: Iterable[nn.Module], tp_grou
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return
     params = _marked(model_chunks, "sequence_parallel")
-    _allreduce_coalesced([_grad(p) for p in params], tp_group)
+    allreduce_coalesced([_grad(p) for p in params], tp_group)
 
 
 def allreduce_embedding_grads(model_chunks: Iterable[nn.Module], embedding_group) -> None:
@@ -71,4 +71,4 @@ def allreduce_embedding_grads(model_chunks: Iterable[nn.Module], embedding_group
     if embedding_group is None:
         raise ValueError("this rank holds a shared_embedding parameter but got no embedding group")
     if dist.get_world_size(embedding_group) > 1:
-        _allreduce_coalesced([_grad(p) for p in params], embedding_group)
+        allreduce_coalesced([_grad(p) for p in params], embedding_group)
