@@ -76,6 +76,11 @@ def test_defaults_and_derived_sizes():
             "--seq-length 31 divisible",
         ),
         ("--save-interval 5", 1, "--save-interval needs --save"),
+        (
+            "--deepspeed --deepspeed_config ds.json --save ck",
+            1,
+            "--save with --deepspeed is not supported",
+        ),
     ],
 )
 def test_inconsistent_flags_are_named(extra, world, message):

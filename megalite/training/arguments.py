@@ -301,6 +301,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     args.zero_stage = zero or 0
     if args.deepspeed:
         _need(args.deepspeed_config is not None, "--deepspeed needs --deepspeed_config FILE")
+        # refused before any step rather than at the first save, when the work would be lost
+        _need(
+            args.save is None,
+            "--save with --deepspeed is not supported: DeepSpeed's "
+            "checkpoints need full unpickling; train with --zero-stage 1|2 to save",
+        )
         _need(
             args.zero_stage == 0,
             "--zero-stage/--use-distributed-optimizer is megalite's own "

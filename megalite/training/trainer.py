@@ -323,7 +323,7 @@ class Trainer:
         self.optimizer.zero_grad()
         outputs = self.forward_backward(
             self._forward_step, self._micro(self.train_ds, self.consumed),
-            self.chunks if len(self.chunks) > 1 else self.chunks[0], a.num_microbatches,
+            self.chunks, a.num_microbatches,
             tensor_shape=self.tensor_shape, dtype=self.config.params_dtype,
             no_sync_func=[c.no_sync for c in self.chunks],
             finalize_model_grads_func=finalize_model_grads,
@@ -344,8 +344,7 @@ class Trainer:
             outputs.append({"lm_loss": loss.detach()})
         norm = engine.get_global_grad_norm()
         norm = None if norm is None else float(norm)
-        skipped = bool(getattr(engine, "skipped_steps", 0) and engine.was_step_applied() is False)
-        return self._mean_loss(outputs), not skipped, norm
+        return self._mean_loss(outputs), engine.was_step_applied(), norm
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -362,7 +361,7 @@ class Trainer:
             else:
                 outputs = self.forward_backward(
                     self._forward_step, data,
-                    self.chunks if len(self.chunks) > 1 else self.chunks[0], a.num_microbatches,
+                    self.chunks, a.num_microbatches,
                     tensor_shape=self.tensor_shape, dtype=self.config.params_dtype,
                     forward_only=True,
                 )  # fmt: skip
@@ -375,8 +374,6 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------
     def save(self) -> None:
         a = self.args
-        if self.engine is not None:
-            raise ckpt.CheckpointError("--save with --deepspeed is not supported")
         meta = {
             "args": _jsonable(a),
             "consumed_train_samples": self.consumed,
