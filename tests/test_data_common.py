@@ -24,6 +24,9 @@ EDGE_CASES = [
     "ascii separators a\x1cb\x1dc\x1ed\x1fe and controls \x00\x07\x7f done",
     "special look-alikes <|endoftext|> </s> <s> <unk> <pad> \u2581 \u2581\u2581word [CLS] <0x41>",
     "<|endoftext|>start and end<|endoftext|>",
+    "code: self.assertEqual(x.y[0], {'k': v}) # a+b*c/d; f(**kw)->None && a||b !x ?y",
+    "paths/to/file_v2.py:12:34 https://example.com/a?b=c&d=e#frag C:\\Dir\\x.txt ~user",
+    "CamelCase_snake-case.dotted/slashed`tick`^caret|pipe a.b a!b !!x x!! _a_ __init__()",
     "very long word " + "a" * 5000 + " and " + "xyz" * 3000 + " " + "=" * 200 + " ok",
     "numbers 1234567890 3.14159 -42 1e-9 0x1F ==== ---- ****** 111111111",
     "contractions don't it's we're they've I'm you'll he'd 'quoted' ''",
@@ -56,19 +59,25 @@ def stdlib_text(max_chars: int = 400_000) -> list[str]:
     return docs
 
 
-def train_sentencepiece(path: str, model_type: str = "bpe", vocab_size: int = 800) -> str:
+def train_sentencepiece(
+    path: str, model_type: str = "bpe", vocab_size: int = 800, **options
+) -> str:
+    """A SentencePiece model on stdlib text; ``options``: more (or overriding) trainer flags."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(stdlib_text() + EDGE_CASES),
-        model_writer=buf,
+    flags = dict(
         vocab_size=vocab_size,
         model_type=model_type,
         character_coverage=1.0,
         byte_fallback=model_type == "bpe",
         num_threads=1,
         minloglevel=2,
+    )
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(stdlib_text() + EDGE_CASES),
+        model_writer=buf,
+        **{**flags, **options},
     )
     with open(path, "wb") as f:
         f.write(buf.getvalue())

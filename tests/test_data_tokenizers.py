@@ -118,3 +118,68 @@ def test_fast_path_is_token_identical(toks, name, append_eod):
         if append_eod and want:
             want = want + [tok.eod]
         assert got.tolist() == want, repr(doc[:80])
+
+
+def _assert_cache_matches(tok, docs, append_eod=True, max_chunks=500):
+    cache = ChunkCache(tok, max_chunks=max_chunks)
+    got_all = []
+    for start in range(0, len(docs), 37):
+        tokens, lengths = cache.encode(docs[start : start + 37], append_eod)
+        got_all += np.split(tokens, np.cumsum(lengths)[:-1])
+    for doc, got in zip(docs, got_all):
+        want = tok.tokenize(doc)
+        if append_eod and want:
+            want = want + [tok.eod]
+        assert got.tolist() == want, repr(doc[:80])
+
+
+@pytest.fixture(scope="module")
+def sp_variants(tmp_path_factory):
+    """SentencePiece BPE models that switch the fast path's levels on and off."""
+    d = tmp_path_factory.mktemp("spv")
+    across_symbol = d / "across_symbol.tsv"
+    across_symbol.write_text("61 2E 62\t78\n")  # "a.b" -> "x": a rule over a letter/symbol cut
+    across_space = d / "across_space.tsv"
+    across_space.write_text("61 20 62\t79\n")  # "a b" -> "y": a rule over a word boundary
+    train = lambda name, **kw: SentencePieceTokenizer(  # noqa: E731
+        train_sentencepiece(str(d / f"{name}.model"), "bpe", 600, **kw)
+    )
+    return {
+        "default": train("default"),
+        "no_byte_fallback": train("nbf", byte_fallback=False, character_coverage=0.995),
+        "crossing": train("crossing", split_by_unicode_script=False),
+        "symbols": train("symbols", user_defined_symbols=["<|endoftext|>", "x.y", "foo"]),
+        "rule_symbol": train("rule_symbol", normalization_rule_tsv=str(across_symbol)),
+        "rule_space": train("rule_space", normalization_rule_tsv=str(across_space)),
+    }
+
+
+def test_sentencepiece_levels_switch_on_only_where_exact(sp_variants):
+    def levels(name):
+        splitter = sp_variants[name].exact_splitter()
+        return None if splitter is None else splitter.refine is not None
+
+    assert levels("default") is True  # words, then letter / symbol runs of new words
+    assert levels("no_byte_fallback") is True
+    assert levels("symbols") is True  # words holding "x.y" or "<|endoftext|>" stay whole
+    assert levels("crossing") is False  # pieces join letters to symbols: words only
+    assert levels("rule_symbol") is False  # "a.b" normalises as one: words only
+    assert levels("rule_space") is None  # "a b" normalises as one: no exact split at all
+
+
+@pytest.mark.parametrize(
+    "name", ["default", "no_byte_fallback", "crossing", "symbols", "rule_symbol", "rule_space"]
+)
+def test_sentencepiece_variants_are_token_identical(sp_variants, name):
+    tok = sp_variants[name]
+    extra = [
+        "a.b a b a.bc xa.b x.y x.yz wx.y foo foo.bar (foo) <|endoftext|>x.y.z",
+        "é.b a.é x!!y !!!! ?!?x ¿que? naïve.attr done.",
+        "Q! xZ$ ^J| aK~b Q!Z?W@ 3Q 9~ <B>",  # unknown letters next to unknown symbols
+    ]
+    docs = _documents() + extra + [" ".join(extra)] + stdlib_text(60_000)
+    if tok.exact_splitter() is None:  # "a b" normalised as one: nothing to check but that
+        assert tok.tokenize("a b") == tok.tokenize("y")
+        return
+    _assert_cache_matches(tok, docs)  # a small memo: resets between blocks
+    _assert_cache_matches(tok, docs, append_eod=False, max_chunks=1 << 20)

@@ -72,51 +72,6 @@ class ExactSplitter:
         self.refine = refine  # optional finer splitter (bytes -> pieces) for new chunks
 
 
-def sentencepiece_splitter(tokenizer) -> Optional[ExactSplitter]:
-    """Split at ASCII whitespace, when the model makes every such split an exact cut.
-
-    After normalisation SentencePiece sees ``▁word▁word...``. When (1) the normaliser turns
-    each separator into one ``▁``, collapses runs and strips the ends (remove_extra_whitespaces)
-    and puts a ``▁`` in front (add_dummy_prefix), each word normalises on its own to exactly
-    its ``▁word`` segment. When (2) no piece holds ``▁`` but at its start and ``▁`` itself is
-    a piece, no merge can join two words, and a BPE model applies to each word the same
-    merges in the same order (highest score first, then leftmost) as in context: the text's
-    encoding is the concatenation of its words' encodings. Separators the normaliser does not
-    map to a space (``\\x0b`` for nmt_nfkc deletes it) are never cut at: a document holding
-    one is encoded whole.
-
-    Unigram models are left out on purpose: Viterbi adds float32 path scores, and segmentations
-    that tie in exact arithmetic (``====`` runs cut as 16+15 or 15+16 pieces) are decided by
-    rounding that depends on the score of everything before the word (on a 20 MB sample of our
-    corpus: 34 of 4.8M tokens differed); such models take the tokenizer's own encode.
-    """
-    sp = tokenizer.sp
-    if tokenizer.model_type not in ("bpe", "word", "char"):
-        return None
-    if sp.normalize("  a  b ") != "\u2581a\u2581b":
-        return None  # keeps extra whitespace, lacks the dummy prefix, or uses suffix ▁
-    space = sp.piece_to_id("\u2581")
-    if space == sp.unk_id() or sp.is_control(space):
-        return None  # a lone ▁ would become <unk>, and adjacent unknowns get merged
-    for i in range(tokenizer.vocab_size):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            continue
-        if "\u2581" in sp.id_to_piece(i)[1:]:
-            return None  # a piece spans a word boundary: words are not independent
-    unsafe = [c for c in "\t\n\x0b\x0c\r " if sp.normalize(f"a{c}b") != "\u2581a\u2581b"]
-
-    def split(text: str) -> Optional[list[bytes]]:
-        for c in unsafe:
-            if c in text:
-                return None
-        return text.encode("utf-8").split()
-
-    def encode(chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        return ragged(sp.encode(chunks, num_threads=1))
-
-    return ExactSplitter(split, encode)
-
-
 # Unicode White_Space, which the byte-level regex's \s means (Python's str.isspace() also counts
 # \x1c-\x1f, so the classes are spelled out). ASCII members first.
 _ASCII_WS = "\t\n\x0b\x0c\r "

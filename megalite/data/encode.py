@@ -10,7 +10,9 @@ flat numpy pool and a block's tokens are gathered from it with one vectorised in
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import count, islice
 from typing import Optional
 
 import numpy as np
@@ -20,19 +22,6 @@ from megalite.data.indexed_dataset import _Growable
 from megalite.data.tokenizers import Tokenizer
 
 _EOD_KEY = -1  # the memo key of the eod "chunk"; every real key is bytes, so it cannot clash
-
-
-class _Memo(dict):
-    """chunk -> dense id; an unseen chunk gets the next id and is queued in ``new``."""
-
-    def __init__(self):
-        super().__init__()
-        self.new: list = []
-
-    def __missing__(self, key) -> int:
-        i = self[key] = len(self)
-        self.new.append(key)
-        return i
 
 
 class ChunkCache:
@@ -59,7 +48,11 @@ class ChunkCache:
         self._reset()
 
     def _reset(self) -> None:
-        self.memo = _Memo()
+        # chunk -> dense id in order of first sight; an unseen chunk is numbered by the C-level
+        # defaultdict machinery (no Python call per new chunk); ids >= known await encoding
+        self.memo: defaultdict = defaultdict(count().__next__)
+        self.known = 0
+        self.special = False  # eod or whole-document keys may be among the new ones
         self.pool = _Growable(np.int32, 1 << 16)
         self.offsets = _Growable(np.int64)
         self.lengths = _Growable(np.int32)
@@ -71,10 +64,16 @@ class ChunkCache:
         ``(text,)`` documents the splitter does not cover (the tokenizer's own encode), and the
         eod key.
         """
-        new, self.memo.new = self.memo.new, []
+        new = list(islice(reversed(self.memo), len(self.memo) - self.known))
+        self.known = len(self.memo)
         if not new:
             return
-        chunks = [i for i, k in enumerate(new) if type(k) is bytes]
+        new.reverse()
+        if self.special:
+            chunks = [i for i, k in enumerate(new) if type(k) is bytes]
+            self.special = False
+        else:
+            chunks = list(range(len(new)))
         groups = []
         if chunks:
             keys = [new[i] for i in chunks]
@@ -96,7 +95,8 @@ class ChunkCache:
     def _gather(self, ids, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tokens of the chunk ids ``ids`` and their per-document totals (``counts`` ids each)."""
         self._add_new()
-        ids = np.asarray(ids, dtype=np.int64)
+        if isinstance(ids, list):
+            ids = np.fromiter(ids, np.int64, len(ids))
         lens = self.lengths.view()[ids].astype(np.int64)
         tokens = gather_segments(self.pool.view(), self.offsets.view()[ids], lens)
         ends = np.concatenate([[0], np.cumsum(lens)])
@@ -122,10 +122,13 @@ class ChunkCache:
         get, split = self.memo.__getitem__, self.splitter.split
         flat: list[int] = []
         counts = np.zeros(len(texts), dtype=np.int64)
+        if append_eod and _EOD_KEY not in self.memo:
+            self.special = True
         for d, text in enumerate(texts):
             chunks = split(text)
             if chunks is None:  # a character the splitter's argument does not cover
                 chunks = [(text,)]
+                self.special = True
             if chunks:
                 n = len(flat)
                 flat += map(get, chunks)

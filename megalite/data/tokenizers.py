@@ -17,7 +17,8 @@ import json
 import os
 from typing import Optional
 
-from megalite.data.chunking import ExactSplitter, byte_level_splitter, sentencepiece_splitter
+from megalite.data.chunking import ExactSplitter, byte_level_splitter
+from megalite.data.chunking_sp import sentencepiece_model_type, sentencepiece_splitter
 
 TOKENIZER_TYPES = (
     "SentencePieceTokenizer",
@@ -61,47 +62,6 @@ def _need_file(path: Optional[str], flag: str, owner: str) -> str:
     return path
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _proto_fields(buf: bytes):
-    """Yield (field number, wire type, value) of a serialized protobuf message: varints as int,
-    length-delimited fields as bytes (fixed-width fields are skipped)."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            value, pos = buf[pos : pos + size], pos + size
-        elif wire in (1, 5):
-            value, pos = None, pos + (8 if wire == 1 else 4)
-        else:
-            return
-        yield number, wire, value
-
-
-def sentencepiece_model_type(serialized: bytes) -> str:
-    """ "unigram", "bpe", "word" or "char": ModelProto.trainer_spec (2) .model_type (3)."""
-    kind = 1  # proto default: UNIGRAM
-    for number, wire, value in _proto_fields(serialized):
-        if number == 2 and wire == 2:
-            for inner, inner_wire, inner_value in _proto_fields(value):
-                if inner == 3 and inner_wire == 0:
-                    kind = inner_value
-    return {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(kind, "unknown")
-
-
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece ``.model`` file; ``eod`` is its ``</s>`` (eos) id."""
 
@@ -130,7 +90,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.decode([int(i) for i in ids])
 
     def exact_splitter(self) -> Optional[ExactSplitter]:
-        """Whitespace chunks for BPE / word / char models (see chunking.sentencepiece_splitter)."""
+        """Words for BPE / word / char models (see chunking_sp.sentencepiece_splitter)."""
         return sentencepiece_splitter(self)
 
 
