@@ -31,8 +31,6 @@ _IS_SPACE[list(b"\t\n\x0b\x0c\r ")] = True
 _ANY = np.ones(256, dtype=bool)  # every byte a rule can hold (not 0: free trie units are 0)
 _ANY[0] = False
 _SYMBOL = r"!-@\[-`{-~"  # printable ASCII that is not a letter, as a regex class body
-# A word's runs; the "\n" put in front of each word marks its first run as a key of its own
-_RUNS = re.compile(rb"\n?(?:[A-Za-z]+|[" + _SYMBOL.encode() + rb"]+)")
 # first byte of a run key -> 0: first run ("\n"), 1: later run of letters, 2: of symbols
 _KIND = [0] * 256
 for _b in range(0x21, 0x7F):
@@ -143,6 +141,7 @@ def _piece_splitter(
     lead_for_letter = (others[0].encode(), sp.encode(others[0]))
     lead_for_symbol = (letters[0].encode(), sp.encode(letters[0]))
     has_symbol = re.compile(b"|".join(re.escape(s.encode()) for s in symbols)) if symbols else None
+    short_runs = _RunIds()
 
     def split(words: list[bytes], get) -> tuple[np.ndarray, np.ndarray]:
         n = len(words)
@@ -161,11 +160,12 @@ def _piece_splitter(
         cut, kept = np.flatnonzero(~whole), np.flatnonzero(whole)
         groups = []
         if len(cut):
-            runs = _RUNS.findall(b"\n" + (b"\n".join(_pick(words, cut)) if len(kept) else blob))
+            blob = b"\n".join(_pick(words, cut)) if len(kept) else blob
+            ids = short_runs.ids(blob, get)
             counts = runs_per_word[cut]
-            if int(counts.sum()) != len(runs):
+            if int(counts.sum()) != len(ids):
                 raise AssertionError("SentencePiece run split: counts disagree with the runs")
-            groups.append((cut, np.fromiter(map(get, runs), np.int64, len(runs)), counts))
+            groups.append((cut, ids, counts))
         if len(kept):
             keys = [b"\n" + w for w in _pick(words, kept)]
             ids = np.fromiter(map(get, keys), np.int64, len(keys))
@@ -248,6 +248,74 @@ def sentencepiece_normalizer_and_symbols(serialized: bytes) -> tuple[bytes, list
             if fields.get(3) == 4:
                 symbols.append(fields[1].decode("utf-8"))
     return charsmap, symbols
+
+
+class _RunIds:
+    """Memo ids of the runs of "\\n"-joined words, mostly without a Python object per run.
+
+    A run's memo key is ``b"\\n" + run`` for a word's first run and ``run`` for a later one.
+    Runs of up to 7 bytes (nine in ten) are also packed exactly into one uint64 (a kind byte,
+    then the run's bytes, zero-padded: printable runs hold no zero byte), and a sorted table of
+    packed keys -> ids answers them with ``np.unique`` and ``searchsorted``; only keys the
+    table lacks, and longer runs, go through the memo itself. The table follows the memo:
+    a new memo object (after a reset) empties it.
+    """
+
+    def __init__(self):
+        self.memo = None
+        self.keys = np.zeros(0, dtype=np.uint64)
+        self.values = np.zeros(0, dtype=np.int64)
+
+    def ids(self, blob: bytes, get) -> np.ndarray:
+        """Ids of every run of ``blob`` (printable words joined by "\\n"), in order."""
+        if get.__self__ is not self.memo:
+            self.__init__()
+            self.memo = get.__self__
+        arr = np.frombuffer(blob, dtype=np.uint8)
+        inner = arr != 10
+        change = _IS_LETTER[arr[1:]] != _IS_LETTER[arr[:-1]]
+        first = np.flatnonzero(inner & np.concatenate([[True], change | ~inner[:-1]]))
+        last = np.flatnonzero(inner & np.concatenate([change | ~inner[1:], [True]]))
+        length = last - first + 1
+        starts_word = (first == 0) | (arr[first - 1] == 10)
+        ids = np.empty(len(first), dtype=np.int64)
+        short = np.flatnonzero(length <= 7)
+        if len(short):
+            packed = np.zeros((len(short), 8), dtype=np.uint8)
+            packed[:, 0] = np.where(starts_word[short], 1, 2)
+            at = first[short][:, None] + np.arange(7)
+            within = np.arange(7) < length[short][:, None]
+            packed[:, 1:] = np.where(within, arr[np.minimum(at, len(arr) - 1)], 0)
+            ids[short] = self._lookup(packed.view("<u8").ravel(), get)
+        long = np.flatnonzero(length > 7)
+        if len(long):
+            lead = np.where(starts_word[long], 1, 0)  # include the "\n" before a first run
+            head = b"\n" + blob  # head[i + 1] == blob[i]
+            bounds = zip((first[long] + 1 - lead).tolist(), (last[long] + 2).tolist())
+            keys = [head[a:b] for a, b in bounds]
+            ids[long] = np.fromiter(map(get, keys), np.int64, len(keys))
+        return ids
+
+    def _lookup(self, packed: np.ndarray, get) -> np.ndarray:
+        at = np.searchsorted(self.keys, packed)
+        found = np.zeros(len(packed), dtype=bool)
+        if len(self.keys):
+            found = self.keys[np.minimum(at, len(self.keys) - 1)] == packed
+        values = np.empty(len(packed), dtype=np.int64)
+        values[found] = self.values[at[found]]
+        if not found.all():
+            new, inverse = np.unique(packed[~found], return_inverse=True)
+            keys = []
+            for word in new.tolist():
+                raw = word.to_bytes(8, "little")
+                run = raw[1:].rstrip(b"\0")
+                keys.append(b"\n" + run if raw[0] == 1 else run)
+            new_values = np.fromiter(map(get, keys), np.int64, len(keys))
+            values[~found] = new_values[inverse.ravel()]
+            where = np.searchsorted(self.keys, new)
+            self.keys = np.insert(self.keys, where, new)
+            self.values = np.insert(self.values, where, new_values)
+        return values
 
 
 def _pick(items: list, index: np.ndarray) -> list:
