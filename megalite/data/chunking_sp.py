@@ -148,10 +148,12 @@ def _piece_splitter(
         blob = b"\n".join(words)
         arr = np.frombuffer(blob, dtype=np.uint8)
         inner = arr != 10
+        change = _IS_LETTER[arr[1:]] != _IS_LETTER[arr[:-1]]
+        first = np.flatnonzero(inner & np.concatenate([[True], change | ~inner[:-1]]))
+        last = np.flatnonzero(inner & np.concatenate([change | ~inner[1:], [True]]))
         word_of = np.cumsum(~inner)  # of each byte; a "\n" counts with the word after it
-        is_letter = _IS_LETTER[arr]
-        run_starts = (is_letter[1:] != is_letter[:-1]) & inner[1:] & inner[:-1]
-        runs_per_word = 1 + np.bincount(word_of[1:][run_starts], minlength=n).astype(np.int64)
+        run_word = word_of[first]
+        runs_per_word = np.bincount(run_word, minlength=n).astype(np.int64)
         # words of one run gain nothing from cutting; non-ASCII and control bytes forbid it
         whole = runs_per_word == 1
         whole[word_of[keep_whole[arr] & inner]] = True
@@ -160,12 +162,9 @@ def _piece_splitter(
         cut, kept = np.flatnonzero(~whole), np.flatnonzero(whole)
         groups = []
         if len(cut):
-            blob = b"\n".join(_pick(words, cut)) if len(kept) else blob
-            ids = short_runs.ids(blob, get)
-            counts = runs_per_word[cut]
-            if int(counts.sum()) != len(ids):
-                raise AssertionError("SentencePiece run split: counts disagree with the runs")
-            groups.append((cut, ids, counts))
+            runs = ~whole[run_word]
+            ids = short_runs.ids(arr, blob, first[runs], last[runs], get)
+            groups.append((cut, ids, runs_per_word[cut]))
         if len(kept):
             keys = [b"\n" + w for w in _pick(words, kept)]
             ids = np.fromiter(map(get, keys), np.int64, len(keys))
@@ -266,16 +265,12 @@ class _RunIds:
         self.keys = np.zeros(0, dtype=np.uint64)
         self.values = np.zeros(0, dtype=np.int64)
 
-    def ids(self, blob: bytes, get) -> np.ndarray:
-        """Ids of every run of ``blob`` (printable words joined by "\\n"), in order."""
+    def ids(self, arr: np.ndarray, blob: bytes, first, last, get) -> np.ndarray:
+        """Ids of the runs ``blob[first[i] : last[i] + 1]`` (``arr``: ``blob`` as uint8) of
+        printable words joined by "\\n", in order."""
         if get.__self__ is not self.memo:
             self.__init__()
             self.memo = get.__self__
-        arr = np.frombuffer(blob, dtype=np.uint8)
-        inner = arr != 10
-        change = _IS_LETTER[arr[1:]] != _IS_LETTER[arr[:-1]]
-        first = np.flatnonzero(inner & np.concatenate([[True], change | ~inner[:-1]]))
-        last = np.flatnonzero(inner & np.concatenate([change | ~inner[1:], [True]]))
         length = last - first + 1
         starts_word = (first == 0) | (arr[first - 1] == 10)
         ids = np.empty(len(first), dtype=np.int64)
