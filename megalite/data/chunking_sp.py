@@ -35,6 +35,8 @@ _SYMBOL = r"!-@\[-`{-~"  # printable ASCII that is not a letter, as a regex clas
 _KIND = [0] * 256
 for _b in range(0x21, 0x7F):
     _KIND[_b] = 1 if _IS_LETTER[_b] else 2
+# _LOW_BYTES[n]: a uint64 mask of bytes 1..n (byte 0, the lowest, is left for a kind)
+_LOW_BYTES = np.array([((1 << (8 * (n + 1))) - 1) & ~0xFF for n in range(8)], dtype=np.uint64)
 _GROUP = 8  # words per SentencePiece input string when encoding new words
 _CROSSES = re.compile(f"[A-Za-z][{_SYMBOL}]|[{_SYMBOL}][A-Za-z]")
 
@@ -276,12 +278,13 @@ class _RunIds:
         ids = np.empty(len(first), dtype=np.int64)
         short = np.flatnonzero(length <= 7)
         if len(short):
-            packed = np.zeros((len(short), 8), dtype=np.uint8)
-            packed[:, 0] = np.where(starts_word[short], 1, 2)
-            at = first[short][:, None] + np.arange(7)
-            within = np.arange(7) < length[short][:, None]
-            packed[:, 1:] = np.where(within, arr[np.minimum(at, len(arr) - 1)], 0)
-            ids[short] = self._lookup(packed.view("<u8").ravel(), get)
+            # the 8 bytes from the one before each run, read as a little-endian uint64 through
+            # a 1-byte-stride view; keep the run's bytes, put the kind in the lowest byte
+            padded = b"\n" + blob + bytes(8)
+            windows = np.ndarray((len(blob) + 1,), "<u8", padded, strides=(1,))
+            packed = windows[first[short]] & _LOW_BYTES[length[short]]
+            packed |= np.where(starts_word[short], 1, 2).astype(np.uint64)
+            ids[short] = self._lookup(packed, get)
         long = np.flatnonzero(length > 7)
         if len(long):
             lead = np.where(starts_word[long], 1, 0)  # include the "\n" before a first run
