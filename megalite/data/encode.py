@@ -71,12 +71,12 @@ class ChunkCache:
         new.reverse()
         if self.special:
             chunks = [i for i, k in enumerate(new) if type(k) is bytes]
-            self.special = False
-        else:
-            chunks = list(range(len(new)))
-        groups = []
-        if chunks:
             keys = [new[i] for i in chunks]
+            self.special = False
+        else:  # all bytes
+            chunks, keys = np.arange(len(new)), new
+        groups = []
+        if len(chunks):
             if self.inner is not None:
                 groups.append((chunks, *self.inner.encode_pieces(keys)))
             else:
