@@ -10,10 +10,11 @@ separate process trees under the same core count; wall time includes start-up. P
 sum over the whole tree (main + workers), sampled every 20 ms; CPU s is the tree's user + system
 time, a check that holds even on a busy machine where wall times swing (``--repeat`` keeps the
 best of interleaved runs). The output checksums (md5 of
-.bin and .idx) must match: the fast path is token-for-token identical. Finally megalite runs on
-the corpus repeated 4x, at each worker count, to show its memory staying flat: it is bounded by
-each worker's chunk memo (at most 2^20 chunks), which fills up with the corpus vocabulary. With
-2 workers each has seen only half the corpus at 1x, so its memo is still filling there.
+.bin and .idx) must match: the fast path is token-for-token identical. Finally megalite runs
+on the corpus repeated 2x and 4x, at each worker count, to show its memory staying flat: it is
+bounded by each worker's chunk memo (at most 2^20 chunks), which fills up with the corpus
+vocabulary. With 2 workers each has seen only half the corpus at 1x, so its memo is still
+filling there. ``--rss-only`` runs just these memory runs.
 
 Tokenizers are trained here on the first ~8 MB of the corpus (nothing is downloaded):
 ``sp`` = SentencePiece BPE, ``hf`` = byte-level BPE (GPT-2 style) as tokenizer.json,
@@ -209,7 +210,8 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--tokenizers", nargs="+", default=["sp", "hf"])
     p.add_argument("--repeat", type=int, default=1, help="runs per case, interleaved; best kept")
-    p.add_argument("--no-4x", action="store_true", help="skip the 4x-corpus memory run")
+    p.add_argument("--no-4x", action="store_true", help="skip the 2x / 4x-corpus memory runs")
+    p.add_argument("--rss-only", action="store_true", help="only the 1x / 2x / 4x memory runs")
     args = p.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     env_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -228,7 +230,7 @@ def main(argv=None) -> None:
     )
     print(header + "\n" + "-" * len(header), flush=True)
     rows = []
-    for kind in args.tokenizers:
+    for kind in args.tokenizers if not args.rss_only else []:
         for workers in args.workers:
             runs: dict[bool, list] = {True: [], False: []}
             for _ in range(args.repeat):  # interleaved, so both see the same background load
@@ -251,27 +253,37 @@ def main(argv=None) -> None:
             print(f"{'':10} identical output: {'yes' if same else 'NO'}", flush=True)
             rows += [base, fast]
     if not args.no_4x:
-        big = os.path.join(args.workdir, f"corpus_{args.target_mb:g}mb_x4.jsonl")
-        if not os.path.exists(big):
-            with open(big, "wb") as out:
-                for _ in range(4):
-                    with open(corpus, "rb") as f:
-                        while block := f.read(1 << 24):
-                            out.write(block)
         kind = args.tokenizers[0]
         for workers in args.workers:  # each worker's memo is bounded, so memory stays flat
-            one = next(
-                r
-                for r in rows
-                if r["impl"] == "megalite" and r["workers"] == workers and r["kind"] == kind
-            )
-            four = run_case(big, args.workdir, kind, flags[kind], workers, plain=False)
-            print(
-                f"peak RSS, megalite {kind} {workers} workers: {one['rss']:.0f} MB at 1x "
-                f"({mb:.0f} MB), "
-                f"{four['rss']:.0f} MB at 4x ({4 * mb:.0f} MB, {four['wall']:.1f} s)",
-                flush=True,
-            )
+            peaks = []
+            for times in (1, 2, 4):
+                done = [
+                    r
+                    for r in rows
+                    if (r["impl"], r["workers"], r["kind"]) == ("megalite", workers, kind)
+                ]
+                if times == 1 and done:
+                    peaks.append(done[0]["rss"])
+                    continue
+                path = repeated(corpus, times)
+                peaks.append(run_case(path, args.workdir, kind, flags[kind], workers, False)["rss"])
+            shown = ", ".join(f"{p:.0f} MB at {t}x" for p, t in zip(peaks, (1, 2, 4)))
+            print(f"peak RSS, megalite {kind} {workers} workers: {shown} ({mb:.0f} MB x)")
+
+
+def repeated(corpus: str, times: int) -> str:
+    """``corpus`` written ``times`` times over into one file (made once, kept in the workdir)."""
+    if times == 1:
+        return corpus
+    path = corpus.replace(".jsonl", f"_x{times}.jsonl")
+    if not os.path.exists(path):
+        with open(path + ".tmp", "wb") as out:
+            for _ in range(times):
+                with open(corpus, "rb") as f:
+                    while block := f.read(1 << 24):
+                        out.write(block)
+        os.replace(path + ".tmp", path)
+    return path
 
 
 if __name__ == "__main__":
