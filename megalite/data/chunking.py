@@ -39,9 +39,8 @@ def ragged(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 def merge_groups(groups: list[tuple], n: int) -> tuple[np.ndarray, np.ndarray]:
     """Put back in input order segments encoded in groups: each group is (input positions,
     flat tokens, lengths); together the positions cover range(n). Returns (tokens, lengths)."""
-    if len(groups) == 1 and isinstance(groups[0][0], np.ndarray) and len(groups[0][0]) == n:
-        if n == 0 or (groups[0][0] == np.arange(n)).all():  # already in input order
-            return groups[0][1], np.asarray(groups[0][2], dtype=np.int64)
+    if len(groups) == 1 and (np.asarray(groups[0][0]) == np.arange(n)).all():
+        return groups[0][1], np.asarray(groups[0][2], dtype=np.int64)  # already in input order
     positions = np.concatenate([np.asarray(g[0], dtype=np.int64) for g in groups])
     tokens = np.concatenate([g[1] for g in groups])
     lengths = np.concatenate([g[2] for g in groups])

@@ -19,9 +19,8 @@ import numpy as np
 from megalite.data.chunking import ExactSplitter, merge_groups, ragged
 
 _PRINTABLE = "".join(map(chr, range(0x21, 0x7F)))  # ASCII without space and controls
-_LETTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _IS_LETTER = np.zeros(256, dtype=bool)
-_IS_LETTER[list(_LETTERS)] = True
+_IS_LETTER[list(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")] = True
 _KEEP_WHOLE = np.ones(256, dtype=bool)  # a byte that is not printable ASCII keeps its word whole
 _KEEP_WHOLE[0x21:0x7F] = False
 _IS_PRINTABLE = ~_KEEP_WHOLE
@@ -50,9 +49,12 @@ def sentencepiece_splitter(tokenizer) -> Optional[ExactSplitter]:
     its ``▁word`` segment. When (2) no piece holds ``▁`` but at its start and ``▁`` itself is
     a piece, no merge can join two words, and a BPE model applies to each word the same
     merges in the same order (highest score first, then leftmost) as in context: the text's
-    encoding is the concatenation of its words' encodings. Separators the normaliser does not
-    map to a space (``\\x0b`` for nmt_nfkc deletes it) are never cut at: a document holding
-    one is encoded whole.
+    encoding is the concatenation of its words' encodings. (3) No normalisation rule may
+    reach over whitespace (``a b -> y`` would join two words; the charsmap is probed). Separators
+    the normaliser does not map to a space (``\\x0b`` for nmt_nfkc deletes it), and a literal
+    ``▁`` it does not collapse like one, are never cut at: a document holding one is encoded
+    whole. New words are then encoded in groups (``_grouped_word_encoder``) and, for BPE
+    vocabularies that allow it, cut into runs (``_piece_splitter``).
 
     Unigram models are left out on purpose: Viterbi adds float32 path scores, and segmentations
     that tie in exact arithmetic (``====`` runs cut as 16+15 or 15+16 pieces) are decided by
