@@ -103,24 +103,9 @@ def _documents() -> list[str]:
     return EDGE_CASES + ["".join(EDGE_CASES), " ".join(EDGE_CASES)] + mixes
 
 
-@pytest.mark.parametrize("name", ["sp_bpe", "hf", "gpt2"])
-@pytest.mark.parametrize("append_eod", [False, True])
-def test_fast_path_is_token_identical(toks, name, append_eod):
-    tok = toks[name]
-    docs = _documents()
-    cache = ChunkCache(tok, max_chunks=500)  # small: also exercises the reset
-    got_all = []
-    for start in range(0, len(docs), 37):  # several blocks, the cache warming up across them
-        tokens, lengths = cache.encode(docs[start : start + 37], append_eod)
-        got_all += np.split(tokens, np.cumsum(lengths)[:-1])
-    for doc, got in zip(docs, got_all):
-        want = tok.tokenize(doc)
-        if append_eod and want:
-            want = want + [tok.eod]
-        assert got.tolist() == want, repr(doc[:80])
-
-
 def _assert_cache_matches(tok, docs, append_eod=True, max_chunks=500):
+    """ChunkCache over blocks of 37 documents (the cache warming up across them; a small
+    ``max_chunks`` also exercises its reset) equals ``tokenize`` on every document."""
     cache = ChunkCache(tok, max_chunks=max_chunks)
     got_all = []
     for start in range(0, len(docs), 37):
@@ -131,6 +116,12 @@ def _assert_cache_matches(tok, docs, append_eod=True, max_chunks=500):
         if append_eod and want:
             want = want + [tok.eod]
         assert got.tolist() == want, repr(doc[:80])
+
+
+@pytest.mark.parametrize("name", ["sp_bpe", "hf", "gpt2"])
+@pytest.mark.parametrize("append_eod", [False, True])
+def test_fast_path_is_token_identical(toks, name, append_eod):
+    _assert_cache_matches(toks[name], _documents(), append_eod)
 
 
 @pytest.fixture(scope="module")
