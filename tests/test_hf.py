@@ -25,6 +25,7 @@ from megalite.model import build_model  # noqa: E402
 from megalite.training import checkpointing as ckpt  # noqa: E402
 from megalite.training.arguments import parse_args, validate_args  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
+from tests.reference_loss import first_metrics, mock_batch  # noqa: E402
 
 WORLD = 8
 VOCAB = 50  # pads to 64: export drops 14 padding rows, import adds them back as zeros
@@ -124,8 +125,21 @@ def test_imported_checkpoint_trains_with_finetune_only(trained, tmp_path):
         run_distributed(WORLD, _pretrain, base + ["--finetune", "--metrics-file", str(metrics)])
         == [0] * WORLD
     )
-    first = json.loads(metrics.read_text().splitlines()[0])
+    first = first_metrics(metrics)
     assert first["iteration"] == 1
+    # the imported weights are those of the Hugging Face model: the first loss (before any
+    # update) equals that model's loss on global batch 0, computed by transformers
+    batch = mock_batch(seed=3, seq_length=16, vocab_size=VOCAB, consumed=0, global_batch=8)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        logits = hf(batch["tokens"]).logits.float()
+    hf_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+    torch.testing.assert_close(first["lm_loss"], hf_loss.item(), rtol=1e-5, atol=0)
+    # and differs from the loss of the model before training (what a skipped load would give)
+    fresh = tmp_path / "fresh.jsonl"
+    argv = COMMON + LLAMA.split() + ["--pipeline-model-parallel-size", "2", "--train-iters", "1"]
+    assert run_distributed(WORLD, _pretrain, argv + ["--metrics-file", str(fresh)]) == [0] * WORLD
+    assert abs(first_metrics(fresh)["lm_loss"] - hf_loss.item()) > 1e-3
     assert run_distributed(WORLD, _pretrain, base) == [2] * WORLD
     shard = ckpt.shard_dir(tmp_path / "imported/iter_0000000", 0, 0)
     with pytest.raises(ckpt.CheckpointError, match="--finetune or --no-load-optim"):

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch.testing import assert_close
 
 from megalite.training.arguments import build_parser
 from tests.harness import run_distributed
+from tests.reference_loss import checkpoint_loss, first_metrics, mock_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
@@ -187,10 +189,22 @@ def test_finetune_and_no_load_optim(tmp_path):
     base = TINY + ["--tensor-model-parallel-size", "2", "--eval-iters", "0"]
     assert run_distributed(2, _pretrain, base + ["--train-iters", "4", "--save", str(ck)]) == [0, 0]
     ft, no_opt = tmp_path / "ft.jsonl", tmp_path / "noopt.jsonl"
-    # --finetune: weights only; iterations and data start again at 0
-    argv = base + ["--train-iters", "2", "--load", str(ck), "--finetune", "--metrics-file", str(ft)]
+    # --finetune: weights only; iterations and data start again at 0 (dropout off: the first
+    # loss is then a pure function of the loaded weights)
+    no_dropout = ["--hidden-dropout", "0", "--attention-dropout", "0"]
+    argv = base + no_dropout + ["--train-iters", "2", "--load", str(ck), "--finetune"]
+    argv += ["--metrics-file", str(ft)]
     assert run_distributed(2, _pretrain, argv) == [0, 0]
     assert [i for i, _ in _losses(ft)] == [1, 2]
+    # the weights were loaded: the first loss (before any update) is the saved model's loss on
+    # global batch 0, computed here in one process; a fresh model's would differ
+    batch = mock_batch(seed=1234, seq_length=16, vocab_size=128, consumed=0, global_batch=8)
+    saved = checkpoint_loss(ck, batch)
+    assert_close(first_metrics(ft)["lm_loss"], saved, rtol=1e-5, atol=0)
+    fresh = tmp_path / "fresh.jsonl"
+    argv = base + no_dropout + ["--train-iters", "1", "--metrics-file", str(fresh)]
+    assert run_distributed(2, _pretrain, argv) == [0, 0]
+    assert abs(first_metrics(fresh)["lm_loss"] - saved) > 1e-3  # the check can fail
     # --no-load-optim: position kept, fresh optimizer
     argv = base + [
         "--train-iters",
