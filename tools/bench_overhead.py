@@ -5,7 +5,8 @@ no-pipelining path, the DDP wrapper with its fp32 grad buckets, the optimizer wi
 clipping and AdamW, the DP-mean loss). The plain loop is what a user would write: the same GPT
 as ordinary `nn.Module`s (`nn.Linear`, `nn.LayerNorm`, `F.scaled_dot_product_attention`), loaded
 with megalite's initial weights, `clip_grad_norm_`, `torch.optim.AdamW` over the same weight-decay
-groups, the same batch from the same dataset. Both first check they compute the same loss; then
+groups, the same batch from the same dataset. Both first take `--check-steps` updates and check
+that every loss agrees (so the updates agree, not only the forward pass); then
 blocks of steps alternate between the two so that load from other processes hits both alike,
 and the ratio of the median step times is printed::
 
@@ -145,6 +146,8 @@ def main(argv=None) -> float:
     p.add_argument("--steps", type=int, default=5, help="steps per block")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--profile", action="store_true", help="top ops of one megalite step")
+    p.add_argument("--check-steps", type=int, default=5, help="updates whose losses must agree")
+    p.add_argument("--loss-rtol", type=float, default=1e-5, help="their relative tolerance")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     trainer = megalite_trainer(a)
@@ -154,11 +157,20 @@ def main(argv=None) -> float:
         loss, _, _ = trainer.train_step(1e-4)  # trainer.consumed stays 0: the same batch
         return loss
 
-    first = (megalite_step(), plain_step())
-    if abs(first[0] - first[1]) > 1e-5 * abs(first[1]):
-        raise SystemExit(f"the two loops disagree on the first loss: {first}")
-    for _ in range(3):  # warm-up: allocator, AdamW state, lazy inits
-        megalite_step(), plain_step()
+    # Same math check, also the warm-up (allocator, AdamW state, lazy inits): both loops step
+    # `--check-steps` times on the same batch; every loss must agree, so the optimizer updates
+    # (clipping, AdamW, weight-decay groups) agree too, not only the forward pass.
+    ours_losses = [megalite_step() for _ in range(a.check_steps)]
+    plain_losses = [plain_step() for _ in range(a.check_steps)]
+    worst = max(abs(m - q) / abs(q) for m, q in zip(ours_losses, plain_losses))
+    if worst > a.loss_rtol:
+        raise SystemExit(
+            f"the two loops disagree (max relative {worst:.2e} > {a.loss_rtol:g}) on the losses "
+            f"of {a.check_steps} updates:\nmegalite {ours_losses}\nplain    {plain_losses}"
+        )
+    if abs(ours_losses[-1] - ours_losses[0]) < 1e-4 * abs(ours_losses[0]):
+        raise SystemExit(f"the loss did not move in {a.check_steps} updates: {ours_losses}")
+    first = (ours_losses[0], plain_losses[0])
     ours, plain = [], []
     for _ in range(a.rounds):
         ours += timed(megalite_step, a.steps)
@@ -167,7 +179,8 @@ def main(argv=None) -> float:
     print(
         f"{a.num_layers}-layer GPT, hidden {a.hidden_size}, {a.num_attention_heads} heads, "
         f"seq {a.seq_length}, vocab {a.vocab_size}, batch {a.batch}; {torch.get_num_threads()} "
-        f"thread(s); first loss {first[0]:.6f} (both); {len(ours)} steps each, alternating"
+        f"thread(s); losses agree over {a.check_steps} updates (max relative {worst:.1e}; "
+        f"{first[0]:.6f} -> {ours_losses[-1]:.6f}); {len(ours)} timed steps each, alternating"
     )
     print(f"megalite step (median): {m * 1e3:8.2f} ms")
     print(f"plain PyTorch (median): {q * 1e3:8.2f} ms")
