@@ -103,8 +103,6 @@ class AsyncCheckpointSaver:
         """Snapshot this rank's state now and write it in the background (same arguments as
         `checkpointing.save_checkpoint`). A save still in flight is finished first."""
         self.finalize()
-        root = Path(root)
-        rank = dist.get_rank() if dist.is_initialized() else 0
         dp = coords["dp"]
         # what this rank writes, copied to host memory before training changes it
         files: list[tuple[str, Any]] = []
@@ -113,6 +111,23 @@ class AsyncCheckpointSaver:
         if optimizer_state is not None and (optimizer_sharded or dp == 0):
             files.append((f"optim_dp{dp:03d}.pt", to_host(optimizer_state())))
         files.append((f"rng_dp{dp:03d}.pt", to_host(rng_state)))
+        self.save_files(root, iteration, coords=coords, files=files, meta=meta)
+
+    def save_files(
+        self,
+        root: str | os.PathLike,
+        iteration: int,
+        *,
+        coords: dict[str, int],
+        files: list[tuple[str, Any]],
+        meta: dict,
+    ) -> None:
+        """Write `files` ([(name, object)], already on the host and not changed afterwards)
+        into this rank's (TP, PP) shard folder of `iteration`, in the background. Collective.
+        For engines whose files are not the native optimizer's (DeepSpeed)."""
+        self.finalize()
+        root = Path(root)
+        rank = dist.get_rank() if dist.is_initialized() else 0
         meta = dict(meta, iteration=iteration, format_version=ckpt.FORMAT_VERSION)
 
         final = ckpt.iteration_dir(root, iteration)
