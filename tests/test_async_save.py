@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -45,22 +44,26 @@ def _save_kwargs(state: dict, dp: int) -> dict:
     )
 
 
-def _gated_writer(gate: threading.Event):
+def _gated_writer(gate: Path):
+    """Writes once `gate` exists: a file, so that it opens a forked writer's gate too."""
+
     def write(obj, path):
-        gate.wait(60)
+        deadline = time.monotonic() + 60
+        while not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         ckpt._save(obj, path)
 
     return write
 
 
-def _snapshot_then_train_on(root_async: str, root_sync: str):
+def _snapshot_then_train_on(root_async: str, root_sync: str, mode: str):
     """Save iteration 1 synchronously, then iteration 2 in the background while the state is
     changed in place (a training step); returns what each stage of the tracker showed."""
     rank = dist.get_rank()
     state = _state(rank, 1)
     ckpt.save_checkpoint(root_async, 1, **_save_kwargs(state, rank))
-    gate = threading.Event()
-    saver = AsyncCheckpointSaver(writer=_gated_writer(gate))
+    gate = Path(root_async) / f"gate{rank}"
+    saver = AsyncCheckpointSaver(writer=_gated_writer(gate), mode=mode)
     state = _state(rank, 2)
     saver.save(root_async, 2, **_save_kwargs(state, rank))
     expected = to_host(state)
@@ -69,7 +72,7 @@ def _snapshot_then_train_on(root_async: str, root_sync: str):
     state["optim"]["state"][0]["exp_avg"].mul_(-1)
     polled_while_writing = saver.poll()
     tracker_while_writing = ckpt.read_tracker(root_async)
-    gate.set()
+    gate.touch()
     published = saver.finalize()
     # the same state saved synchronously: the files must be identical in content
     ckpt.save_checkpoint(root_sync, 2, **_save_kwargs(expected, rank))
@@ -83,9 +86,10 @@ def _snapshot_then_train_on(root_async: str, root_sync: str):
     return polled_while_writing, tracker_while_writing, published, expected, out
 
 
-def test_background_save_writes_the_snapshot_and_publishes_last(tmp_path):
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_background_save_writes_the_snapshot_and_publishes_last(tmp_path, mode):
     a, s = str(tmp_path / "async"), str(tmp_path / "sync")
-    results = run_distributed(2, _snapshot_then_train_on, a, s)
+    results = run_distributed(2, _snapshot_then_train_on, a, s, mode)
     for polled, tracker, published, expected, out in results:
         assert polled is None, "poll() published a save whose writer had not finished"
         assert tracker == 1, "the tracker moved before every rank's files were durable"
@@ -99,7 +103,7 @@ def test_background_save_writes_the_snapshot_and_publishes_last(tmp_path):
     assert not (Path(a) / "iter_0000002.tmp").exists()
 
 
-def _one_rank_fails(root: str):
+def _one_rank_fails(root: str, mode: str):
     rank = dist.get_rank()
     state = _state(rank, 1)
     ckpt.save_checkpoint(root, 1, **_save_kwargs(state, rank))
@@ -109,7 +113,7 @@ def _one_rank_fails(root: str):
             raise OSError(28, "No space left on device", str(path))
         ckpt._save(obj, path)
 
-    saver = AsyncCheckpointSaver(writer=broken)
+    saver = AsyncCheckpointSaver(writer=broken, mode=mode)
     saver.save(root, 2, **_save_kwargs(state, rank))
     try:
         saver.finalize()
@@ -118,9 +122,12 @@ def _one_rank_fails(root: str):
     return None, ckpt.read_tracker(root)
 
 
-def test_a_failed_background_write_on_one_rank_fails_every_rank_and_keeps_the_previous(tmp_path):
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_a_failed_background_write_on_one_rank_fails_every_rank_and_keeps_the_previous(
+    tmp_path, mode
+):
     root = str(tmp_path / "ck")
-    results = run_distributed(2, _one_rank_fails, root)
+    results = run_distributed(2, _one_rank_fails, root, mode)
     for message, tracker in results:
         assert message is not None and "rank 1: OSError" in message, message
         assert "iteration 1 is intact" in message
@@ -136,7 +143,7 @@ KILLED_CHILD = textwrap.dedent(
     from megalite.checkpoint.async_save import AsyncCheckpointSaver
     from megalite.training import checkpointing as ckpt
 
-    root, flag = sys.argv[1], Path(sys.argv[2])
+    root, flag, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     def kw(step):
         return dict(coords={"tp": 0, "pp": 0, "dp": 0},
                     model_state=lambda: {"chunk0": {"w": torch.full((256, 256), float(step))}},
@@ -153,7 +160,7 @@ KILLED_CHILD = textwrap.dedent(
         flag.write_text(str(path))
         time.sleep(600)
 
-    saver = AsyncCheckpointSaver(writer=stuck)
+    saver = AsyncCheckpointSaver(writer=stuck, mode=mode)
     saver.save(root, 2, **kw(2))
     while True:  # training goes on
         time.sleep(0.05)
@@ -161,11 +168,12 @@ KILLED_CHILD = textwrap.dedent(
 )
 
 
-def test_sigkill_during_a_background_write_leaves_the_previous_checkpoint_loadable(tmp_path):
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_sigkill_during_a_background_write_leaves_the_previous_checkpoint_loadable(tmp_path, mode):
     root, flag = tmp_path / "ck", tmp_path / "writing"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     child = subprocess.Popen(
-        [sys.executable, "-c", KILLED_CHILD, str(root), str(flag)],
+        [sys.executable, "-c", KILLED_CHILD, str(root), str(flag), mode],
         env=env,
         stderr=subprocess.PIPE,
         text=True,

@@ -3,10 +3,15 @@
 The files and their layout are exactly those of `megalite.training.checkpointing`; only *when*
 they are written changes:
 
-1. at the save iteration, on the main thread, each rank copies its model / optimizer / RNG state
-   to host memory (fresh CPU tensors, so the next optimizer step cannot change what is written)
-   and the ranks agree that the temporary folder ``iter_NNNNNNN.tmp`` exists;
-2. a background thread of each rank writes its files there and fsyncs them; training goes on;
+1. at the save iteration, on the main thread, each rank freezes its model / optimizer / RNG
+   state (device tensors are copied to host memory; host tensors are frozen by the fork of the
+   writer, or copied for a thread writer), so the next optimizer step cannot change what is
+   written, and the ranks agree that the temporary folder ``iter_NNNNNNN.tmp`` exists;
+2. a background writer of each rank writes its files there and fsyncs them; training goes on.
+   The writer is a forked process by default (``mode="process"``): it shares the snapshot
+   copy-on-write and takes neither the GIL nor the training thread's time; a thread
+   (``mode="thread"``) is the fallback where fork is unavailable. A forked writer dies with
+   its training process;
 3. at a later iteration boundary (`poll`), at the next save, or at exit (`finalize`), the ranks
    agree -- on the main thread, as every collective must be -- that every rank's files are
    durable (or who failed); only then does rank 0 rename the folder and replace the tracker.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -63,27 +69,106 @@ def to_host(obj: Any) -> Any:
     return out
 
 
+def _has_device_tensors(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.device.type != "cpu"
+    if isinstance(obj, dict):
+        return any(_has_device_tensors(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_device_tensors(v) for v in obj)
+    return False
+
+
+def _die_with_parent() -> None:
+    """Linux: this (forked writer) process gets SIGKILL when the training process dies, so a
+    killed run leaves no writer behind (its half-written ``.tmp`` folder is never published)."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 class _Pending:
-    """One save being written by this rank's background thread."""
+    """One save being written by this rank's background writer (a thread or a forked process)."""
 
     def __init__(self, root: Path, iteration: int, tmp: Path):
         self.root, self.iteration, self.tmp = root, iteration, tmp
         self.error: Optional[str] = None
         self.thread: Optional[threading.Thread] = None
+        self.pid: Optional[int] = None
+        self.pipe: Optional[int] = None  # read end: the child's error message, if any
+        self.status: Optional[int] = None
+
+    def start(self, write: Callable[[], Optional[str]], mode: str) -> None:
+        if mode == "thread":
+
+            def run() -> None:
+                self.error = write()
+
+            self.thread = threading.Thread(target=run, name="megalite-async-save", daemon=True)
+            self.thread.start()
+            return
+        read, send = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the writer: write, report, leave without running any parent cleanup
+            code = 1
+            try:
+                os.close(read)
+                _die_with_parent()
+                error = write()
+                if error:
+                    os.write(send, error.encode()[:60000])
+                code = 0 if error is None else 1
+            finally:
+                os._exit(code)
+        os.close(send)
+        self.pid, self.pipe = pid, read
 
     def done(self) -> bool:
-        return self.thread is None or not self.thread.is_alive()
+        if self.pid is None:
+            return self.thread is None or not self.thread.is_alive()
+        if self.status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == 0:
+                return False
+            self.status = status
+        return True
+
+    def wait(self) -> None:
+        if self.pid is None:
+            if self.thread is not None:
+                self.thread.join()
+            return
+        if self.status is None:
+            _, self.status = os.waitpid(self.pid, 0)
+        message = b""
+        while chunk := os.read(self.pipe, 65536):
+            message += chunk
+        os.close(self.pipe)
+        if os.WIFSIGNALED(self.status):
+            self.error = f"writer process killed by signal {os.WTERMSIG(self.status)}"
+        elif os.WEXITSTATUS(self.status) != 0:
+            self.error = message.decode(errors="replace") or "writer process failed"
 
 
 class AsyncCheckpointSaver:
     """Background checkpoint writer of one rank; every method is collective over all ranks.
 
     `writer(obj, path)` writes and fsyncs one file (default: the synchronous path's own); tests
-    pass a slow one to kill a process mid-write.
+    pass a slow one to kill a process mid-write. `mode`: "process" (fork; default where the
+    OS has it) or "thread".
     """
 
-    def __init__(self, writer: Optional[Callable[[Any, Path], None]] = None):
+    def __init__(
+        self, writer: Optional[Callable[[Any, Path], None]] = None, mode: Optional[str] = None
+    ):
         self.writer = writer or ckpt._save
+        self.mode = mode or ("process" if hasattr(os, "fork") else "thread")
+        if self.mode not in ("process", "thread"):
+            raise ValueError(f"mode must be 'process' or 'thread', got {self.mode!r}")
         self.pending: Optional[_Pending] = None
         self.last_published: Optional[int] = None
 
@@ -107,11 +192,19 @@ class AsyncCheckpointSaver:
         # what this rank writes, copied to host memory before training changes it
         files: list[tuple[str, Any]] = []
         if dp == 0:
-            files.append(("model.pt", to_host(model_state())))
+            files.append(("model.pt", self.snapshot(model_state())))
         if optimizer_state is not None and (optimizer_sharded or dp == 0):
-            files.append((f"optim_dp{dp:03d}.pt", to_host(optimizer_state())))
-        files.append((f"rng_dp{dp:03d}.pt", to_host(rng_state)))
+            files.append((f"optim_dp{dp:03d}.pt", self.snapshot(optimizer_state())))
+        files.append((f"rng_dp{dp:03d}.pt", self.snapshot(rng_state)))
         self.save_files(root, iteration, coords=coords, files=files, meta=meta)
+
+    def snapshot(self, obj: Any) -> Any:
+        """What the writer will write, frozen now. A forked writer gets host tensors frozen by
+        the fork itself (copy-on-write), so only device tensors are copied; a thread writer
+        needs its own copy of everything."""
+        if self.mode == "process" and not _has_device_tensors(obj):
+            return obj
+        return to_host(obj)
 
     def save_files(
         self,
@@ -147,7 +240,7 @@ class AsyncCheckpointSaver:
         pending = _Pending(root, iteration, tmp)
         shard = ckpt.shard_dir(tmp, coords["tp"], coords["pp"])
 
-        def write() -> None:
+        def write() -> Optional[str]:
             try:
                 shard.mkdir(parents=True, exist_ok=True)
                 for name, obj in files:
@@ -159,12 +252,10 @@ class AsyncCheckpointSaver:
                         os.fsync(f.fileno())
                 ckpt._fsync_dir(shard)
             except Exception as e:  # noqa: BLE001 - reported to every rank at finalize
-                pending.error = f"{type(e).__name__}: {e}"
+                return f"{type(e).__name__}: {e}"
+            return None
 
-        pending.thread = threading.Thread(
-            target=write, name=f"megalite-async-save-{iteration}", daemon=True
-        )
-        pending.thread.start()
+        pending.start(write, self.mode)
         self.pending = pending
 
     # --- finish a save ------------------------------------------------------------------------
@@ -191,7 +282,7 @@ class AsyncCheckpointSaver:
         pending, self.pending = self.pending, None
         if pending is None:
             return None
-        pending.thread.join()
+        pending.wait()
         failures = ckpt.agree_on_errors(pending.error)
         rank = dist.get_rank() if dist.is_initialized() else 0
         if failures:
