@@ -17,12 +17,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from megalite.checkpoint import format as ckpt  # noqa: E402
 from megalite.checkpoint.hf import HFConversionError  # noqa: E402
 from megalite.checkpoint.hf_io import export_hf, import_hf  # noqa: E402
 from megalite.checkpoint.layout import config_from_args  # noqa: E402
 from megalite.checkpoint.reshard import load_full_model  # noqa: E402
 from megalite.model import build_model  # noqa: E402
-from megalite.training import checkpointing as ckpt  # noqa: E402
 from megalite.training.arguments import parse_args, validate_args  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
 

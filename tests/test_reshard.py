@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from megalite.checkpoint import format as ckpt
 from megalite.checkpoint.reshard import ReshardError, load_full_model, reshard
 from megalite.data_parallel.optimizer import PARAMS_FORMAT
-from megalite.training import checkpointing as ckpt
 from tests.harness import run_distributed
 
 WORLD = 8
@@ -191,7 +191,7 @@ def _load_per_parameter_state(zero_stage: int, bf16: bool) -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 5)).to(dtype)
     ddp = DistributedDataParallel(model, ps.get_data_parallel_group(), 50, False, zero_stage)
     config = OptimizerConfig(lr=1e-2, weight_decay=0.1, zero_stage=zero_stage, bf16=bf16)
-    opt = build_optimizer(config, [ddp])
+    opt = build_optimizer(config, [ddp], ps.get_model_parallel_groups())
     g = torch.Generator().manual_seed(1)  # the same on every rank
     params = {
         name: {

@@ -10,21 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from megalite.checkpoint import format as ckpt
 from megalite.checkpoint import layout as L
 from megalite.checkpoint.reshard import load_full_model, reshard
 from megalite.checkpoint.streaming import filling, write_skeleton
 from megalite.model import GPTConfig, build_model
 from megalite.tensor_parallel.utils import shard_tensor
-from megalite.training import checkpointing as ckpt
 
 SHAPE = dict(num_layers=4, hidden_size=32, num_attention_heads=8, num_query_groups=4,
              ffn_hidden_size=64, seq_length=8, make_vocab_size_divisible_by=32)  # fmt: skip
 STYLES = {
-    "llama-tied": dict(normalization="RMSNorm", activation="swiglu",
+    "llama-tied": dict(normalization="RMSNorm", swiglu=True,
                        position_embedding_type="rope"),
     "gpt2-untied-bias": dict(untie_embeddings_and_output_weights=True),
-    "llama-untied-bias": dict(normalization="RMSNorm", activation="swiglu",
-                              position_embedding_type="rope", add_bias_linear=True,
+    "llama-untied-bias": dict(normalization="RMSNorm", swiglu=True,
+                              position_embedding_type="rope", disable_bias_linear=False,
                               untie_embeddings_and_output_weights=True),
 }  # fmt: skip
 RUN_ARGS = {  # what the trainer's flags would store for STYLES (meta.json args)
@@ -39,7 +39,7 @@ RUN_ARGS = {  # what the trainer's flags would store for STYLES (meta.json args)
 def one_process_model(style: str, vocab: int) -> torch.nn.Module:
     extra = dict(STYLES[style])
     if style == "llama-tied":
-        extra["add_bias_linear"] = False
+        extra["disable_bias_linear"] = True
     (model,) = build_model(GPTConfig(vocab_size=vocab, **SHAPE, **extra), 5,
                            use_parallel_state=False)  # fmt: skip
     return model
@@ -48,7 +48,7 @@ def one_process_model(style: str, vocab: int) -> torch.nn.Module:
 @pytest.mark.parametrize("style", list(STYLES))
 def test_split_rules_match_the_layers_attributes(style):
     model = one_process_model(style, 64)
-    swiglu = STYLES[style].get("activation") == "swiglu"
+    swiglu = STYLES[style].get("swiglu", False)
     for name, p in model.named_parameters():
         rule = L.split_rule(name, swiglu)
         if getattr(p, "tensor_model_parallel", False):

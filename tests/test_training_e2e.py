@@ -77,7 +77,7 @@ def test_resume_is_bit_identical_tp2_pp2_dp2_zero1(tmp_path):
 
 KILLER = """
 import os, signal, sys
-from megalite.training import checkpointing as ckpt
+from megalite.checkpoint import format as ckpt
 real = ckpt._save
 def killing_save(obj, path):
     # die in the middle of writing iteration 10: some files written, nothing renamed yet

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from megalite.training import checkpointing as ckpt
+from megalite.checkpoint import format as ckpt
 from megalite.training.arguments import ArgumentError, parse_args, validate_args
 from megalite.training.lr_schedule import LRSchedule
 

@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megalite.checkpoint import format as ckpt  # noqa: E402
 from megalite.checkpoint import layout as L  # noqa: E402
 from megalite.data_parallel.optimizer import STATE_FORMAT  # noqa: E402
 from megalite.model import build_model  # noqa: E402
-from megalite.training import checkpointing as ckpt  # noqa: E402
 
 # VmHWM is the high-water mark of this process's own address space. (ru_maxrss is not: a child
 # started by vfork/posix_spawn inherits its parent's peak across exec, and this parent holds the

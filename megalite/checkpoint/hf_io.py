@@ -20,11 +20,11 @@ from typing import Optional
 
 import torch
 
+from megalite.checkpoint import format as ckpt
 from megalite.checkpoint import hf as H
 from megalite.checkpoint import layout as L
 from megalite.checkpoint.reshard import ReshardError, Source, fill_unit, write_skeletons
 from megalite.checkpoint.streaming import fsync_file
-from megalite.training import checkpointing as ckpt
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 

@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 import torch
 
+from megalite.checkpoint import format as ckpt
 from megalite.checkpoint import layout as L
 from megalite.checkpoint.streaming import (
     empty_like_shape,
@@ -42,7 +43,6 @@ from megalite.checkpoint.streaming import (
 )
 from megalite.data_parallel.optimizer import PARAMS_FORMAT, no_weight_decay
 from megalite.model import GPTConfig
-from megalite.training import checkpointing as ckpt
 
 MOMENTS = ("main", "exp_avg", "exp_avg_sq")
 
