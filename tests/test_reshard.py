@@ -76,8 +76,8 @@ def test_resume_after_reshard_matches_uninterrupted_run(trained, tp, pp, zero):
     target = root / f"tp{tp}pp{pp}"
     reshard(root / "orig", target, tp, pp)
     meta = json.loads((target / "iter_0000005" / "meta.json").read_text())
-    assert meta["args"]["tensor_model_parallel_size"] == tp
-    assert meta["args"]["pipeline_model_parallel_size"] == pp
+    assert meta["model"]["tensor_model_parallel_size"] == tp
+    assert meta["model"]["pipeline_model_parallel_size"] == pp
     assert meta["consumed_train_samples"] == 40 and meta["iteration"] == 5
     # Weights are moved, never changed.
     _, before = load_full_model(root / "orig")

@@ -62,7 +62,7 @@ def write_sharded(root: Path, model, style: str, vocab: int, tp: int, pp: int) -
     args = dict(SHAPE, **RUN_ARGS[style], vocab_size=vocab, mock_data=True,
                 tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                 padded_vocab_size=L.vocab_size_with_padding(vocab, 32, tp))  # fmt: skip
-    config = L.config_from_args(args)
+    config = L.config_from_meta(ckpt.upgrade_v1_meta({"args": args}))  # a format-1 checkpoint
     folder = ckpt.iteration_dir(root, 3)
     params = dict(model.named_parameters())
     tied = not config.untie_embeddings_and_output_weights
@@ -118,7 +118,7 @@ def test_vocab_padding_changes_with_tp(tmp_path):
     write_sharded(tmp_path / "tp2", model, "gpt2-untied-bias", 50, 2, 1)
     reshard(tmp_path / "tp2", tmp_path / "tp4", 4, 2)
     meta, full = load_full_model(tmp_path / "tp4")
-    assert meta["args"]["padded_vocab_size"] == 128
+    assert meta["padded_vocab_size"] == 128
     for name in L.VOCAB_PARAMS:
         original = model.state_dict()[name]  # 64 rows: 50 real + 14 padding
         got = full[name]
@@ -188,16 +188,22 @@ def test_cli_reshards_and_refuses_with_exit_status_2(tmp_path, capsys):
     assert ckpt.read_tracker(tmp_path / "ok") == 3
     bad = base + ["--save", str(tmp_path / "bad"), "--target-tensor-parallel-size", "16"]
     assert cli.main(bad) == 2
-    assert "num_attention_heads (8) is not divisible by tensor-model-parallel size (16)" in (
+    assert "--num-attention-heads 8 is not divisible by --tensor-model-parallel-size 16" in (
         capsys.readouterr().err
     )
     assert not (tmp_path / "bad").exists()
 
 
 def test_true_vocab_size_follows_the_trainer():
-    """Mock data: V; NullTokenizer on real data: V + 1 (eod = V); a saved value wins."""
-    assert L.true_vocab_size({"mock_data": True, "vocab_size": 50}) == 50
-    assert L.true_vocab_size({"tokenizer_type": "NullTokenizer", "vocab_size": 50}) == 51
-    assert L.true_vocab_size({"true_vocab_size": 7, "vocab_size": 50}) == 7
-    missing = {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": "/nonexistent"}
-    assert L.true_vocab_size(missing) is None
+    """Format-1 checkpoints: mock data: V; NullTokenizer on real data: V + 1 (eod = V); a saved
+    value wins; a tokenizer whose files are gone leaves it unknown."""
+    base = dict(SHAPE, padded_vocab_size=128, tensor_model_parallel_size=1,
+                pipeline_model_parallel_size=1)  # fmt: skip
+
+    def vocab(**args):
+        return L.true_vocab_size(ckpt.upgrade_v1_meta({"args": dict(base, **args)}))
+
+    assert vocab(mock_data=True, vocab_size=50) == 50
+    assert vocab(tokenizer_type="NullTokenizer", vocab_size=50) == 51
+    assert vocab(true_vocab_size=7, vocab_size=50) == 7
+    assert vocab(tokenizer_type="SentencePieceTokenizer", tokenizer_model="/nonexistent") is None

@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"import_hf: error: {e}", file=sys.stderr)
         return 2
-    args = json.loads((folder / "meta.json").read_text())["args"]
+    meta = json.loads((folder / "meta.json").read_text())
     print(f"wrote {folder} (weights only)")
-    print(f"train with: megalite-pretrain --load {a.save} --finetune {pretrain_flags(args)} ...")
+    print(f"train with: megalite-pretrain --load {a.save} --finetune {pretrain_flags(meta)} ...")
     return 0
 
 

@@ -298,7 +298,7 @@ def check_compatible(meta: dict, model: Any, path: Path) -> None:
         )
 
 
-def _upgrade_v1(meta: dict) -> dict:
+def upgrade_v1_meta(meta: dict) -> dict:
     """A format-1 meta (flat argparse ``args``) in format 2's terms, for every reader."""
     args = dict(meta["args"])
     from megalite.config.fields import to_dict
@@ -359,7 +359,7 @@ def load_meta(root: str | os.PathLike) -> tuple[Optional[Path], Optional[dict]]:
         raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from None
     if "args" in meta and "model" not in meta:
         try:
-            meta = _upgrade_v1(meta)
+            meta = upgrade_v1_meta(meta)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(
                 f"{meta_path}: cannot read this format-1 checkpoint: {e}"

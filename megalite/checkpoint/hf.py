@@ -47,7 +47,7 @@ def hf_kind(c: GPTConfig) -> str:
         "gpt2": {
             "normalization": "LayerNorm",
             "activation": "gelu",
-            "position_embedding_type": "learned",
+            "position_embedding_type": "learned_absolute",
         },
     }
     misses = {}

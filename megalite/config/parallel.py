@@ -32,13 +32,13 @@ class ParallelConfig:
     grad_reduce_in_bf16: bool = option(False, "communicate gradients in bf16 (accumulate fp32)")
     deepspeed: bool = option(False, "train through the DeepSpeed engine")
     deepspeed_config: Optional[str] = option(
-        None, "DeepSpeed JSON config", aliases=("--deepspeed-config",)
+        None, "DeepSpeed JSON config", aliases=("--deepspeed_config",)
     )
     distributed_backend: Optional[str] = option(
         None, "default nccl with CUDA, else gloo", choices=("nccl", "gloo")
     )
     distributed_timeout_minutes: float = option(10.0, "timeout of every collective")
-    local_rank: Optional[int] = option(None, "==SUPPRESS==", aliases=("--local-rank",))
+    local_rank: Optional[int] = option(None, "==SUPPRESS==", aliases=("--local_rank",))
 
     def __post_init__(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):

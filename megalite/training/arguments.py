@@ -24,7 +24,6 @@ from megalite.config.fields import (
     cli_fields,
     coerce,
     flatten,
-    key_name,
     suggest,
 )
 from megalite.training.config import SECTIONS, RunConfig, section_of_field
@@ -153,5 +152,7 @@ def dump_yaml(config: RunConfig) -> str:
     return header + yaml.safe_dump(to_settings(config), sort_keys=False)
 
 
-def key_of(flag: str) -> str:
-    return key_name(flag)
+def resolved_config(argv: Sequence[str], world_size: int) -> RunConfig:
+    """`load_config` then `RunConfig.resolve`: the checked config of a command line."""
+    cfg, _ = load_config(argv)
+    return cfg.resolve(world_size)

@@ -255,6 +255,7 @@ class RunConfig:
                 f"--tensor-model-parallel-size/--pipeline-model-parallel-size: {e}"
             ) from None
         self.world_size, self.data_parallel_size = world_size, dp
+        self.model_config(vocab_size=None)  # the model's own layout checks, naming numbers
         mbs = t.micro_batch_size
         if t.global_batch_size is None:
             t.global_batch_size = mbs * dp
@@ -284,7 +285,6 @@ class RunConfig:
                 )
             if t.rampup_batch_size is not None:
                 raise ConfigError("--rampup-batch-size is not supported with --deepspeed")
-        self.model_config(vocab_size=None)  # the model's own layout checks, naming numbers
         return self
 
     def _batch_sizes(self) -> list[tuple[int, str]]:
