@@ -222,9 +222,9 @@ def test_megatron_example_command_lines_run_unchanged(tmp_path, name):
     assert run_distributed(4, _pretrain, argv) == [0] * 4
     train = [r for r in _records(metrics) if "grad_norm" in r]
     assert train and all(r["lm_loss"] > 0 for r in train)
-    if name == "gpt3_175b":  # ramp-up: 4, 6, 8, 8 ... samples (Megatron's increments)
-        assert [r["global_batch_size"] for r in train][:4] == [4, 6, 8, 8]
-        assert train[-1]["consumed_samples"] == 4 + 6 + 8 + 8 + 8 + 8
+    if name == "gpt3_175b":  # ramp-up 4 -> 8 by 2 over 16 samples: +2 every 8 samples
+        assert [r["global_batch_size"] for r in train] == [4, 4, 6, 6, 8, 8]
+        assert train[-1]["consumed_samples"] == 4 + 4 + 6 + 6 + 8 + 8
     else:  # 24 samples of 4: 6 iterations; the profiler wrote a trace
         assert train[-1]["iteration"] == 6
         assert list((tmp_path / "tb").glob("profile_rank0_iter2.json"))
