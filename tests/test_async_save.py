@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.testing import assert_close
 
 from megalite.checkpoint.async_save import AsyncCheckpointSaver, to_host
-from megalite.training import checkpointing as ckpt
+from megalite.checkpoint import format as ckpt
 from tests.harness import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def _save_kwargs(state: dict, dp: int) -> dict:
         optimizer_state=lambda: state["optim"],
         optimizer_sharded=True,
         rng_state={"torch": torch.get_rng_state()},
-        meta={"args": {}, "consumed_train_samples": 0},
+        meta={"settings": {}, "model": {}, "consumed_train_samples": 0},
     )
 
 
@@ -141,7 +141,7 @@ KILLED_CHILD = textwrap.dedent(
     import sys, time, torch
     from pathlib import Path
     from megalite.checkpoint.async_save import AsyncCheckpointSaver
-    from megalite.training import checkpointing as ckpt
+    from megalite.checkpoint import format as ckpt
 
     root, flag, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     def kw(step):
@@ -149,7 +149,7 @@ KILLED_CHILD = textwrap.dedent(
                     model_state=lambda: {"chunk0": {"w": torch.full((256, 256), float(step))}},
                     optimizer_state=lambda: {"state": {0: {"m": torch.full((256,), float(step))}}},
                     optimizer_sharded=False, rng_state={"torch": torch.get_rng_state()},
-                    meta={"args": {}, "consumed_train_samples": step})
+                    meta={"settings": {}, "model": {}, "consumed_train_samples": step})
     saver = AsyncCheckpointSaver()
     saver.save(root, 1, **kw(1))
     saver.finalize()

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.testing import assert_close
 
 from megalite import parallel_state as ps
-from megalite.training import checkpointing as ckpt
+from megalite.checkpoint import format as ckpt
 from tests.harness import run_distributed
 
 pytest.importorskip("deepspeed")
@@ -70,7 +70,7 @@ def _save_and_resume(root: str, stage: int, resume_stage: int):
     module = TinyLM(ps.get_tensor_model_parallel_group())
     engine = _engine(stage, module)
     first = [_ds_step(engine, s) for s in range(SAVE_AT)]
-    meta = {"args": {}, "consumed_train_samples": SAVE_AT}
+    meta = {"settings": {}, "model": {}, "consumed_train_samples": SAVE_AT}
     rng = ckpt.get_rng_state()
     save_deepspeed_checkpoint(root, SAVE_AT, engine, module, coords=_coords(), rng_state=rng,
                               meta=meta)  # fmt: skip

@@ -99,7 +99,7 @@ def main(argv=None) -> float:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     from megalite.checkpoint.async_save import AsyncCheckpointSaver
     from megalite.distributed import free_port, init_distributed
-    from megalite.training import checkpointing as ckpt
+    from megalite.checkpoint import format as ckpt
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")
@@ -119,7 +119,7 @@ def main(argv=None) -> float:
         optimizer_state=opt.state_dict,
         optimizer_sharded=False,
         rng_state=ckpt.get_rng_state(),
-        meta={"args": {}, "consumed_train_samples": 0},
+        meta={"settings": {}, "model": {}, "consumed_train_samples": 0},
     )
     baseline: list[float] = []
     for _ in range(a.steps_between):

@@ -1,6 +1,6 @@
 """Checkpoints written in the background while training goes on (``--async-save``).
 
-The files and their layout are exactly those of `megalite.training.checkpointing`; only *when*
+The files and their layout are exactly those of `megalite.checkpoint.format`; only *when*
 they are written changes:
 
 1. at the save iteration, on the main thread, each rank freezes its model / optimizer / RNG
@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from megalite.training import checkpointing as ckpt
+from megalite.checkpoint import format as ckpt
 
 
 def to_host(obj: Any) -> Any:
@@ -184,6 +184,7 @@ class AsyncCheckpointSaver:
         optimizer_sharded: bool,
         rng_state: dict,
         meta: dict,
+        extra_files: Optional[dict[str, str]] = None,
     ) -> None:
         """Snapshot this rank's state now and write it in the background (same arguments as
         `checkpointing.save_checkpoint`). A save still in flight is finished first."""
@@ -196,7 +197,9 @@ class AsyncCheckpointSaver:
         if optimizer_state is not None and (optimizer_sharded or dp == 0):
             files.append((f"optim_dp{dp:03d}.pt", self.snapshot(optimizer_state())))
         files.append((f"rng_dp{dp:03d}.pt", self.snapshot(rng_state)))
-        self.save_files(root, iteration, coords=coords, files=files, meta=meta)
+        self.save_files(
+            root, iteration, coords=coords, files=files, meta=meta, extra_files=extra_files
+        )
 
     def snapshot(self, obj: Any) -> Any:
         """What the writer will write, frozen now. A forked writer gets host tensors frozen by
@@ -214,9 +217,11 @@ class AsyncCheckpointSaver:
         coords: dict[str, int],
         files: list[tuple[str, Any]],
         meta: dict,
+        extra_files: Optional[dict[str, str]] = None,
     ) -> None:
         """Write `files` ([(name, object)], already on the host and not changed afterwards)
         into this rank's (TP, PP) shard folder of `iteration`, in the background. Collective.
+        Global rank 0 also writes meta.json and `extra_files` ({name: text}) next to the shards.
         For engines whose files are not the native optimizer's (DeepSpeed)."""
         self.finalize()
         root = Path(root)
@@ -250,6 +255,11 @@ class AsyncCheckpointSaver:
                         json.dump(meta, f, indent=1, sort_keys=True)
                         f.flush()
                         os.fsync(f.fileno())
+                    for name, text in (extra_files or {}).items():
+                        with open(tmp / name, "w") as f:
+                            f.write(text)
+                            f.flush()
+                            os.fsync(f.fileno())
                 ckpt._fsync_dir(shard)
             except Exception as e:  # noqa: BLE001 - reported to every rank at finalize
                 return f"{type(e).__name__}: {e}"

@@ -35,7 +35,7 @@ import torch
 
 from megalite.checkpoint.async_save import AsyncCheckpointSaver, to_host
 from megalite.data_parallel.optimizer import PARAMS_FORMAT
-from megalite.training import checkpointing as ckpt
+from megalite.checkpoint import format as ckpt
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
