@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megalite.checkpoint.layout import config_from_args
+from megalite.checkpoint.layout import config_from_meta, true_vocab_size
 from megalite.checkpoint.reshard import load_full_model
 from megalite.model import build_model
 from megalite.training.data import MockGPTDataset, collate
@@ -31,10 +31,10 @@ def mock_batch(seed: int, seq_length: int, vocab_size: int, consumed: int, globa
 def checkpoint_loss(load: str | os.PathLike, batch: dict) -> float:
     """Mean per-token loss of the newest checkpoint in `load` on `batch`, in one process."""
     meta, full = load_full_model(load)
-    (model,) = build_model(config_from_args(meta["args"], 1, 1, None), 0, use_parallel_state=False)
+    (model,) = build_model(config_from_meta(meta, 1, 1, None), 0, use_parallel_state=False)
     model.load_state_dict(full, strict=True)
     # the joined model keeps the saved padded vocabulary; padding rows are not real tokens
-    logits = model.eval()(batch["tokens"])[..., : meta["args"]["true_vocab_size"]].float()
+    logits = model.eval()(batch["tokens"])[..., : true_vocab_size(meta)].float()
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten()).item()
 
 

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
-from megalite.checkpoint.async_save import AsyncCheckpointSaver, to_host
 from megalite.checkpoint import format as ckpt
+from megalite.checkpoint.async_save import AsyncCheckpointSaver, to_host
 from tests.harness import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -76,11 +76,8 @@ def test_defaults_and_derived_sizes():
             "--seq-length 31 divisible",
         ),
         ("--save-interval 5", 1, "--save-interval needs --save"),
-        (
-            "--deepspeed --deepspeed_config ds.json --save ck",
-            1,
-            "--save with --deepspeed is not supported",
-        ),
+        ("--exit-signal SIGKILL", 1, "invalid choice: 'SIGKILL'"),
+        ("--exit-duration-in-mins 0", 1, "--exit-duration-in-mins must be > 0 minutes, got 0"),
     ],
 )
 def test_inconsistent_flags_are_named(extra, world, message):

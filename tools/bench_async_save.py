@@ -97,9 +97,9 @@ def main(argv=None) -> float:
     p.add_argument("--save-dir", default=None, help="where to write (default: a temp dir)")
     a = p.parse_args(argv)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    from megalite.checkpoint import format as ckpt
     from megalite.checkpoint.async_save import AsyncCheckpointSaver
     from megalite.distributed import free_port, init_distributed
-    from megalite.checkpoint import format as ckpt
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")

@@ -137,6 +137,17 @@ class _Pending:
             self.status = status
         return True
 
+    def kill(self) -> None:
+        """Abandon this save (the run failed): end a forked writer; its ``.tmp`` folder is never
+        published and the next save removes it. A thread writer is left to finish alone."""
+        if self.pid is not None and self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _, self.status = os.waitpid(self.pid, 0)
+            os.close(self.pipe)
+
     def wait(self) -> None:
         if self.pid is None:
             if self.thread is not None:

@@ -33,9 +33,9 @@ from typing import Any, Optional
 
 import torch
 
+from megalite.checkpoint import format as ckpt
 from megalite.checkpoint.async_save import AsyncCheckpointSaver, to_host
 from megalite.data_parallel.optimizer import PARAMS_FORMAT
-from megalite.checkpoint import format as ckpt
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -209,6 +209,7 @@ def save_deepspeed_checkpoint(
     rng_state: dict,
     meta: dict,
     saver: Optional[AsyncCheckpointSaver] = None,
+    extra_files: Optional[dict[str, str]] = None,
 ) -> None:
     """Save `engine` (wrapping `module`) as iteration `iteration` of `root`. Collective.
 
@@ -225,7 +226,9 @@ def save_deepspeed_checkpoint(
     meta = dict(meta, optimizer_format=PARAMS_FORMAT, deepspeed_zero_stage=_zero_stage(engine))
     background = saver is not None
     saver = saver or AsyncCheckpointSaver()
-    saver.save_files(root, iteration, coords=coords, files=files, meta=meta)
+    saver.save_files(
+        root, iteration, coords=coords, files=files, meta=meta, extra_files=extra_files
+    )
     if not background:
         saver.finalize()
 

@@ -21,6 +21,7 @@ from megalite.config.parallel import ParallelConfig
 from megalite.data.config import DataConfig
 from megalite.data_parallel.optimizer import OptimizerConfig
 from megalite.model.config import GPTConfig
+from megalite.training.exit_signals import ExitConfig
 
 
 @dataclass
@@ -104,6 +105,11 @@ class CheckpointConfig:
     no_load_optim: bool = option(False, "load weights (and position), not the optimizer")
     no_load_rng: bool = option(False, "do not restore RNG states")
     finetune: bool = option(False, "load weights only; iteration and data restart at 0")
+    async_save: bool = option(
+        False,
+        "write checkpoints in the background (a forked writer per rank) while training goes "
+        "on; the tracker names a save only once every rank's files are durable",
+    )
     ckpt_format: str = option(
         "torch",
         "accepted: megalite writes its own per-rank format",
@@ -204,6 +210,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "exit": ExitConfig,
     "megatron": MegatronCompatConfig,
 }
 
@@ -233,6 +240,7 @@ class RunConfig:
     data: DataConfig
     checkpoint: CheckpointConfig
     logging: LoggingConfig
+    exit: ExitConfig
     megatron: MegatronCompatConfig
     # Derived at a world size by `resolve` (not settings; recomputed on every start).
     world_size: int = 0
@@ -273,11 +281,6 @@ class RunConfig:
                     f" x DP {dp})) to be a multiple of --pipeline-model-parallel-size {pp}"
                 )
         if p.deepspeed:
-            if self.checkpoint.save is not None:
-                raise ConfigError(
-                    "--save with --deepspeed is not supported: DeepSpeed's checkpoints need "
-                    "full unpickling; train with --zero-stage 1|2 to save"
-                )
             if self.optimizer.zero_stage:
                 raise ConfigError(
                     "--zero-stage/--use-distributed-optimizer is megalite's own ZeRO; with "

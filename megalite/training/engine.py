@@ -170,7 +170,9 @@ class MegaliteEngine(Engine):
 class DeepSpeedEngine(Engine):
     """DeepSpeed's engine (ZeRO-1/2/3, offload) around megalite's TP model; PP = 1."""
 
-    optimizer_state = None  # DeepSpeed's checkpoints need full unpickling: --save is refused
+    # DeepSpeed's own checkpoints need full unpickling: the trainer saves this engine through
+    # `megalite.data_parallel.deepspeed_checkpoint` (megalite's per-parameter format) instead.
+    optimizer_state = None
 
     def __init__(self, cfg: RunConfig, chunks: list[torch.nn.Module], device):
         from megalite.data_parallel.deepspeed_bridge import (
@@ -205,6 +207,11 @@ class DeepSpeedEngine(Engine):
         norm = None if norm is None else float(norm)
         loss = mean_loss(outputs, self.device, ps.get_data_parallel_group(), self.dp)
         return loss, self.engine.was_step_applied(), norm
+
+    def load_optimizer_state(self, state: dict) -> None:
+        from megalite.data_parallel.deepspeed_checkpoint import load_engine_optimizer
+
+        load_engine_optimizer(self.engine, self.chunks[0], state)
 
     def eval_step(self, micro: list, num_microbatches: int) -> Optional[float]:
         outputs = [

@@ -29,8 +29,8 @@ import torch.distributed as dist
 
 from megalite.config import ConfigError, option
 
-# The signals a cluster uses to warn or stop a job. SIGKILL cannot be caught and SIGINT is
-# left to Python (KeyboardInterrupt) so an interactive Ctrl-C still stops at once.
+# The signals a cluster uses to warn or stop a job (SIGKILL cannot be caught). SIGINT is accepted
+# too; without the handler it stays Python's KeyboardInterrupt, which stops at once.
 EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megalite import parallel_state as ps
 from megalite.checkpoint import format as ckpt
+from megalite.checkpoint.async_save import AsyncCheckpointSaver
 from megalite.config.fields import to_dict
 from megalite.distributed import device as this_device
 from megalite.errors import UserError
@@ -29,6 +30,7 @@ from megalite.tensor_parallel.random import get_rng_tracker, model_parallel_manu
 from megalite.training.config import RunConfig
 from megalite.training.data import MockGPTDataset, microbatch_iterator
 from megalite.training.engine import Engine, build_engine
+from megalite.training.exit_signals import ExitWatch
 from megalite.training.metrics import Reporter, device_peak_tflops
 
 
@@ -117,6 +119,8 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        # the wall-clock budget counts from here (before the model is built or loaded)
+        self.exit_watch = ExitWatch(cfg.exit, device=this_device())
         self.rank = dist.get_rank()
         self.device = this_device()
         p = cfg.parallel
@@ -161,6 +165,7 @@ class Trainer:
         self.reporter = Reporter(
             self.writer, log.metrics_file, log.tensorboard_dir, cfg.train_iters
         )
+        self.saver = AsyncCheckpointSaver() if cfg.checkpoint.async_save else None
         self.peak = device_peak_tflops(log.peak_tflops)
         if cfg.training.manual_gc:
             gc.disable()  # Megatron's --manual-gc: no collection pauses at random steps
@@ -193,6 +198,10 @@ class Trainer:
             )
             for i, chunk in enumerate(chunks):
                 chunk.load_state_dict(files["model"][f"chunk{i}"])
+            if self.cfg.parallel.deepspeed and not (c.no_load_optim or c.finetune):
+                from megalite.data_parallel.deepspeed_checkpoint import read_optimizer_state
+
+                files["optimizer"] = read_optimizer_state(folder, coords)
         except (ckpt.CheckpointError, RuntimeError, KeyError) as e:
             error = str(e)
         _fail_together(error, f"loading {folder}")
@@ -225,16 +234,38 @@ class Trainer:
             "world_size": dist.get_world_size(),
             "data_parallel_size": self.dp,
         }
-        ckpt.save_checkpoint(
-            cfg.checkpoint.save, self.iteration,
+        common = dict(
             coords={"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp_rank},
-            model_state=self.engine.model_state,
-            optimizer_state=self.engine.optimizer_state,
-            optimizer_sharded=self.engine.optimizer_sharded,
             rng_state=ckpt.get_rng_state(get_rng_tracker().get_states()), meta=meta,
             extra_files={ckpt.CONFIG_FILE: dump_yaml(cfg)},
         )  # fmt: skip
-        self._say(f"saved checkpoint at iteration {self.iteration} to {cfg.checkpoint.save}")
+        root, how = cfg.checkpoint.save, "in the background" if self.saver else ""
+        if cfg.parallel.deepspeed:
+            from megalite.data_parallel.deepspeed_checkpoint import save_deepspeed_checkpoint
+
+            save_deepspeed_checkpoint(
+                root, self.iteration, self.engine.engine, self.engine.chunks[0],
+                saver=self.saver, **common,
+            )  # fmt: skip
+        else:
+            save = self.saver.save if self.saver else ckpt.save_checkpoint
+            save(
+                root, self.iteration, model_state=self.engine.model_state,
+                optimizer_state=self.engine.optimizer_state,
+                optimizer_sharded=self.engine.optimizer_sharded, **common,
+            )  # fmt: skip
+        if self.saver:
+            self._say(f"saving checkpoint at iteration {self.iteration} to {root} {how}")
+        else:
+            self._say(f"saved checkpoint at iteration {self.iteration} to {root}")
+
+    def _publish_async(self, wait: bool) -> None:
+        """--async-save: publish the save in flight once every rank wrote it (`wait`: now)."""
+        if self.saver is None:
+            return
+        done = self.saver.finalize() if wait else self.saver.poll()
+        if done is not None:
+            self._say(f"saved checkpoint at iteration {done} to {self.cfg.checkpoint.save}")
 
     # --- one step -----------------------------------------------------------------------------
     def _micro(self, dataset, consumed: int, num_microbatches: int) -> list:
@@ -284,6 +315,15 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self) -> None:
+        """The loop, with the exit-signal handler installed for its duration (main thread)."""
+        with self.exit_watch:
+            try:
+                self._train()
+            finally:
+                if self.saver is not None and self.saver.pending is not None:
+                    self.saver.pending.kill()  # an error stopped the run: never publish it
+
+    def _train(self) -> None:
         cfg = self.cfg
         t, log, c = cfg.training, cfg.logging, cfg.checkpoint
         skipped = 0
@@ -334,13 +374,25 @@ class Trainer:
                 value = self.evaluate()
                 if self.writer:
                     self.reporter.valid(self.iteration, value)
+            self._publish_async(wait=False)
             if c.save and c.save_interval and self.iteration % c.save_interval == 0:
                 self.save()
                 saved_at = self.iteration
+            reason = self.exit_watch.should_exit()  # every rank, every iteration: same answer
+            if reason is not None:
+                break
+        else:
+            reason = (
+                f"reached --exit-interval {t.exit_interval}"
+                if last < cfg.train_iters
+                else f"reached the last iteration ({cfg.train_iters})"
+            )
         if profiler is not None:
             profiler.__exit__(None, None, None)
         if c.save and saved_at != self.iteration:
             self.save()
+        self._publish_async(wait=True)
+        self._say(f"stopping at iteration {self.iteration}: {reason}")
         self.reporter.close()
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one line per node: proof it stepped
             print(
