@@ -116,3 +116,57 @@ def test_preprocess_sbatch(slurm, tmp_path):
 
     ds = IndexedDataset(str(tmp_path / "out_text_document"))
     assert len(ds) == 50 and ds.get(3).tolist() == [3, 4, 5, 100]  # eod = vocab size
+
+
+def _losses(path: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(r["iteration"], r["lm_loss"]) for r in rows if "split" not in r]
+
+
+@pytest.mark.parametrize("mode", ["srun", "torchrun"])
+def test_warning_signal_saves_requeues_and_resumes(slurm, tmp_path, mode):
+    """2 nodes x 2 ranks: the batch shell gets USR1 mid-run (as --signal=B:USR1@120 would send
+    it before the time limit); the ranks save and exit, the job requeues itself, comes back,
+    resumes from the checkpoint and finishes; its per-iteration losses (both legs, one metrics
+    file) equal an uninterrupted run's."""
+    iters = 200
+    args = (
+        "--tensor-model-parallel-size 2 --num-layers 2 --hidden-size 32 --num-attention-heads 4 "
+        "--seq-length 16 --micro-batch-size 2 --global-batch-size 8 --lr 1e-3 --mock-data "
+        f"--vocab-size 128 --log-interval 1 --eval-iters 0 --train-iters {iters} "
+        "--hidden-dropout 0 --attention-dropout 0 --distributed-timeout-minutes 2"
+    )
+    runs = {}
+    for name in ("signalled", "straight"):
+        metrics = tmp_path / f"{name}.jsonl"
+        env = dict(slurm, MODE=mode, PYTHON=sys.executable, PYTHONPATH=str(ROOT),
+                   TRAIN_ARGS=f"{args} --metrics-file {metrics}")  # fmt: skip
+        if name == "signalled":
+            env["SAVE"] = str(tmp_path / "ck")
+        log = tmp_path / f"{name}.out"
+        job = _submit(
+            ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", f"--output={log}",
+             str(ROOT / "slurm/pretrain.sbatch")], env, tmp_path,
+        )  # fmt: skip
+        if name == "signalled":
+            deadline = time.monotonic() + 240
+            while not metrics.exists() or len(metrics.read_text().splitlines()) < 5:
+                assert time.monotonic() < deadline, log.read_text() if log.exists() else job
+                time.sleep(0.2)
+            signal_out = subprocess.run(
+                ["scancel", "--signal=USR1", "--batch", job], capture_output=True, text=True
+            )
+            assert signal_out.returncode == 0, signal_out.stderr
+        state = _wait(job, 480)
+        text = log.read_text() if log.exists() else "(no log)"
+        assert state == "COMPLETED", f"job {job} {state}:\n{text[-4000:]}"
+        runs[name] = (_losses(metrics), text)
+    (signalled, text), (straight, _) = runs["signalled"], runs["straight"]
+    assert "megalite: warning signal: the ranks save and stop" in text
+    assert "megalite: requeueing job" in text and "(restart 1)" in text
+    stopped = re.search(r"stopping at iteration (\d+): received SIG(TERM|USR1)", text)
+    assert stopped, text[-4000:]
+    assert 5 <= int(stopped[1]) < iters
+    assert f"loaded checkpoint {tmp_path / 'ck'}/iter_{int(stopped[1]):07d}" in text
+    assert [i for i, _ in straight] == list(range(1, iters + 1))
+    assert signalled == straight
