@@ -112,6 +112,7 @@ def test_cli_table_and_exit_status(tmp_path):
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:1].isalnum()}
     assert rows["1"][-1] == "ok" and rows["bf16"][-1] == "ok", out
     assert rows["tp2"][-1] == "ok" and float(rows["tp2"][3]) < 1e-5, out
+    assert float(rows["tp2"][4]) < 1e-5, out  # grad norms compared too
     assert rows["tp2bf16"][-1] == "DEVIATES", out
     assert "3/4 ok" in out
     assert len((tmp_path / "tp2" / "metrics.jsonl").read_text().splitlines()) == 3
@@ -148,3 +149,16 @@ def test_bench_overhead_plain_loop_computes_the_same_loss():
     loss (the script exits otherwise), so the ratio compares the same math."""
     (ratio,) = run_distributed(1, _bench_overhead_tiny, timeout=120)
     assert ratio > 0
+
+
+def test_a_grad_norm_deviation_alone_fails_the_layout():
+    """A uniform gradient-scale bug: same losses, doubled grad norms -> DEVIATES, exit 1."""
+    from megalite.check import Result, format_table, parse_layout
+
+    ref = Result(parse_layout("1"), [4.0, 3.9], 0.01, grad_norms=[1.0, 1.1])
+    bug = Result(parse_layout("dp2"), [4.0, 3.9], 0.01, grad_norms=[2.0, 2.2])
+    bug.deviation = max_relative_deviation(ref.losses, bug.losses)
+    bug.norm_deviation = max_relative_deviation(ref.grad_norms, bug.grad_norms)
+    table = format_table([ref, bug], {False: 1e-5, True: 2e-3})
+    row = [line.split() for line in table.splitlines() if line.startswith("dp2")][0]
+    assert row[3] == "0.00e+00" and row[4] == "1.00e+00" and row[-1] == "DEVIATES", table

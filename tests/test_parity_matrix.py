@@ -15,7 +15,6 @@ The flags come from `megalite.check.pretrain_argv`, so this also pins what `mega
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +29,7 @@ from megalite.check import (
     max_relative_deviation,
     parse_layout,
     pretrain_argv,
+    read_grad_norms,
     read_losses,
 )
 from tests.harness import run_distributed
@@ -74,13 +74,6 @@ def _pretrain(argv: list[str], sum_over_dp: bool = False) -> int:
         return pretrain(argv)
     finally:
         ddp.Bucket.launch = launch
-
-
-def read_grad_norms(metrics_file: Path) -> list[float]:
-    """Training `grad_norm` per iteration from a `--metrics-file` (validation lines skipped)."""
-    records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line]
-    train = [r for r in records if r.get("split", "train") == "train"]
-    return [float("nan") if r.get("grad_norm") is None else r["grad_norm"] for r in train]
 
 
 def train_run(layout: Layout, folder: Path, sum_over_dp: bool = False) -> Run:
