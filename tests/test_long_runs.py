@@ -190,8 +190,9 @@ def test_deepspeed_resume_is_bit_exact(tmp_path, stage):
 @pytest.mark.slow
 def test_deepspeed_zero3_at_dp4_resumes_at_dp2_and_on_megalite_zero1(tmp_path):
     """A ZeRO-3 checkpoint taken at DP 4 (world 4) resumes at DP 2 on DeepSpeed ZeRO-3 and on
-    megalite's own ZeRO-1 (world 2): the per-parameter format does not depend on the
-    partitioning. Same global batch, so the curves match the DP-4 uninterrupted run to fp32
+    megalite's own ZeRO-1 (world 2), and megalite-reshard turns it into TP 2 x PP 2 (world 4):
+    the per-parameter format does not depend on the partitioning. Same global batch, so the
+    curves match the DP-4 uninterrupted run to fp32
     round-off (dropout off: its masks depend on the DP layout)."""
     pytest.importorskip("deepspeed")
     from megalite.check import FP32_TOLERANCE, max_relative_deviation
@@ -202,10 +203,21 @@ def test_deepspeed_zero3_at_dp4_resumes_at_dp2_and_on_megalite_zero1(tmp_path):
     argv = base + ds + ["--save", str(ck), "--exit-interval", "4"]
     assert run_distributed(4, _pretrain, argv, timeout=300) == [0] * 4
     straight = _straight(base + ds, tmp_path, world=4)
-    for name, flags in (("ds3", ds), ("zero1", ["--zero-stage", "1"])):
+    # megalite-reshard reads it like any megalite checkpoint: TP 1 -> TP 2 x PP 2 (world 4)
+    from megalite.checkpoint.reshard import reshard
+
+    resharded = tmp_path / "tp2pp2"
+    reshard(ck, resharded, 2, 2)
+    legs = (
+        ("ds3", ds, ck, 2),
+        ("zero1", ["--zero-stage", "1"], ck, 2),
+        ("tp2pp2", ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+         resharded, 4),
+    )  # fmt: skip
+    for name, flags, load, world in legs:
         metrics = tmp_path / f"{name}.jsonl"
-        argv = base + flags + ["--load", str(ck), "--metrics-file", str(metrics)]
-        assert run_distributed(2, _pretrain, argv, timeout=300) == [0, 0]
+        argv = base + flags + ["--load", str(load), "--metrics-file", str(metrics)]
+        assert run_distributed(world, _pretrain, argv, timeout=300) == [0] * world
         got = _curve(metrics)
         assert [i for i, _, _ in got] == [5, 6, 7, 8]
         for k in (1, 2):
