@@ -1,0 +1,110 @@
+"""The one-process MoE layer against a token-by-token loop, and the MoE config checks."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from megalite.config import ConfigError
+from megalite.moe import MoEConfig, MoEGroups, update_expert_bias
+from tests.moe_parity import B, E, H, S, gpt_config, make_layer, moe_config
+
+
+def _naive(layer, x, keep_fn=None):
+    """Loop over tokens: top-k softmax routing, each chosen expert's SwiGLU MLP, weighted sum."""
+    tokens = x.reshape(-1, H)
+    w1, w2 = layer.experts.linear_fc1.weight, layer.experts.linear_fc2.weight
+    logits = tokens @ layer.router.weight.t()
+    top = logits.topk(layer.moe.moe_router_topk, dim=-1)
+    weights = torch.softmax(top.values, dim=-1)
+    keep = keep_fn(logits, top.indices) if keep_fn else torch.ones_like(top.indices, dtype=bool)
+    out = torch.zeros_like(tokens)
+    for t in range(tokens.shape[0]):
+        for j, e in enumerate(top.indices[t].tolist()):
+            if keep[t, j]:
+                gate, up = (w1[e] @ tokens[t]).chunk(2)
+                out[t] += weights[t, j] * (w2[e] @ (F.silu(gate) * up))
+    probs = torch.softmax(logits, dim=-1)
+    counts = torch.zeros(E).index_add_(0, top.indices.reshape(-1), torch.ones(top.indices.numel()))
+    k, T = layer.moe.moe_router_topk, tokens.shape[0]
+    aux = layer.moe.moe_aux_loss_coeff * E * ((counts / (T * k)) * probs.mean(0)).sum()
+    z = layer.moe.moe_z_loss_coeff * torch.logsumexp(logits, -1).square().mean()
+    return out.view_as(x), aux, z
+
+
+def test_layer_equals_token_loop():
+    layer = make_layer(gpt_config(), moe_config(), MoEGroups())
+    x = torch.randn(S, B, H)
+    want, aux, z = _naive(layer, x)
+    assert_close(layer(x), want)
+    assert_close(layer.last_stats["load_balancing_loss"], aux)
+    assert_close(layer.last_stats["z_loss"], z)
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_capacity_drops_the_right_pairs(policy):
+    moe = moe_config(moe_expert_capacity_factor=0.5, moe_token_drop_policy=policy)
+    layer = make_layer(gpt_config(), moe, MoEGroups())
+    x = torch.randn(S, B, H)
+    T, k = S * B, moe.moe_router_topk
+    capacity = math.ceil(T * k / E * 0.5)
+
+    def keep_fn(logits, idx):
+        keep = torch.zeros_like(idx, dtype=bool)
+        probs = torch.softmax(logits, -1)
+        for e in range(E):
+            rows = [(t, j) for t in range(T) for j in range(k) if idx[t, j] == e]
+            if policy == "probs":
+                rows.sort(key=lambda tj: -probs[tj[0], e].item())
+            for t, j in rows[:capacity]:
+                keep[t, j] = True
+        return keep
+
+    want, _, _ = _naive(layer, x, keep_fn)
+    assert_close(layer(x), want)
+
+
+def test_grouped_gemm_equals_the_loop():
+    torch.manual_seed(0)
+    x = torch.randn(S, B, H)
+    results = []
+    for grouped in (False, True):
+        layer = make_layer(gpt_config(), moe_config(moe_grouped_gemm=grouped), MoEGroups())
+        xi = x.clone().requires_grad_(True)
+        layer(xi).square().sum().backward()
+        results.append([xi.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*results):
+        assert_close(a, b)
+
+
+def test_expert_bias_update_follows_the_load():
+    moe = moe_config(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                     moe_router_bias_update_rate=0.01)  # fmt: skip
+    layer = make_layer(gpt_config(), moe, MoEGroups())
+    layer(torch.randn(S, B, H, requires_grad=True)).sum().backward()
+    load = layer.router.local_tokens_per_expert.clone()
+    assert load.sum() == S * B * 2
+    update_expert_bias([layer.router])
+    assert_close(layer.router.expert_bias, 0.01 * torch.sign(load.mean() - load))
+    assert layer.router.local_tokens_per_expert.sum() == 0
+
+
+def test_config_checks_and_layer_pattern():
+    assert MoEConfig(num_experts=4, moe_layer_freq="([0]*1+[1]*3)").is_moe_layer(0, 4) is False
+    assert MoEConfig(num_experts=4, moe_layer_freq=2).is_moe_layer(2, 4)
+    assert not MoEConfig().is_moe_layer(0, 4)
+    with pytest.raises(
+        ConfigError, match=r"--moe-router-topk \(5\) must be in \[1, --num-experts \(4\)\]"
+    ):
+        MoEConfig(num_experts=4, moe_router_topk=5)
+    with pytest.raises(
+        ConfigError,
+        match=r"--num-experts \(6\) is not divisible by --expert-model-parallel-size \(4\)",
+    ):
+        MoEConfig(num_experts=6, expert_model_parallel_size=4)
+    with pytest.raises(ConfigError, match="only lists of 0/1"):
+        MoEConfig(num_experts=4, moe_layer_freq="__import__('os')")
+    with pytest.raises(ConfigError, match="has 3 entries for 4 layers"):
+        MoEConfig(num_experts=4, moe_layer_freq="[1,0,1]").is_moe_layer(0, 4)
