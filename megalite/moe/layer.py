@@ -25,7 +25,7 @@ from megalite.moe.collectives import AttachAuxLoss
 from megalite.moe.config import MoEConfig
 from megalite.moe.dispatcher import build_dispatcher
 from megalite.moe.experts import Experts
-from megalite.moe.router import Router
+from megalite.moe.router import Router, recomputing
 from megalite.tensor_parallel import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
@@ -114,7 +114,8 @@ class MoELayer(nn.Module):
         out = self.dispatcher(tokens, experts, weights, keep, self.experts)
         if aux.requires_grad:
             out = AttachAuxLoss.apply(out, aux, self.aux_loss_scale)
-        self._record(stats)
+        if not recomputing():
+            self._record(stats)
         out = out.view(s, b, h)
         if self.split_tokens:
             out = gather_from_sequence_parallel_region(out, self.groups.tp, False)

@@ -68,7 +68,7 @@ class Router(nn.Module):
         routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, experts, True)
         keep = self._capacity_mask(routing_map, scores, experts, tokens.shape[0])
         counts = routing_map.sum(0).float()  # [E], before any drop
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not recomputing():
             self.local_tokens_per_expert += counts.detach()
         aux, stats = self._losses(logits, scores, routing_map, batch, stats_group)
         stats["tokens_per_expert"] = reduce_from_tensor_model_parallel_region(
@@ -118,6 +118,12 @@ class Router(nn.Module):
             aux = aux + z
             stats["z_loss"] = z.detach()
         return aux, stats
+
+
+def recomputing() -> bool:
+    """True inside a backward pass: activation recompute re-running a forward (whose counts and
+    metrics were already recorded once)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _sum(x: torch.Tensor, group) -> torch.Tensor:
