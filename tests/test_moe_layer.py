@@ -108,3 +108,19 @@ def test_config_checks_and_layer_pattern():
         MoEConfig(num_experts=4, moe_layer_freq="__import__('os')")
     with pytest.raises(ConfigError, match="has 3 entries for 4 layers"):
         MoEConfig(num_experts=4, moe_layer_freq="[1,0,1]").is_moe_layer(0, 4)
+
+
+@pytest.mark.parametrize("freq", [1, "[0,1]"])
+def test_flops_count_active_parameters(freq):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megalite.model import build_model, num_floating_point_operations
+
+    cfg = gpt_config()
+    moe = moe_config(moe_shared_expert_intermediate_size=32, moe_layer_freq=freq)
+    (model,) = build_model(cfg, 1, use_parallel_state=False, moe=moe)
+    tokens = torch.randint(0, cfg.vocab_size, (3, S))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(tokens, tokens).mean().backward()
+    assert counter.get_total_flops() == num_floating_point_operations(cfg, 3, moe=moe)
