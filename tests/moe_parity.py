@@ -17,7 +17,7 @@ from torch.testing import assert_close
 from megalite import parallel_state as ps
 from megalite.model.config import GPTConfig
 from megalite.model.transformer import ParamInit
-from megalite.moe import MoEConfig, MoEGroups, MoELayer
+from megalite.moe import MoEConfig, MoEGroups, MoELayer, update_expert_bias
 
 S, B, H, E = 8, 2, 32, 4
 PREFIX = "decoder.layers.0.mlp."
@@ -63,6 +63,9 @@ def reference(moe_kw: dict, dp: int, bias=None, activation="swiglu"):
         xgrads.append(x.grad)
         stats.append(dict(layer.last_stats))
     grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    if layer.router.expert_bias is not None:  # the bias after one update from all the tokens
+        update_expert_bias([layer.router])
+        stats.append(layer.router.expert_bias.clone())
     return outs, xgrads, stats, grads
 
 
@@ -96,6 +99,9 @@ def check_layout(tp, ep, etp, sp, moe_kw, bias=None, activation="swiglu"):
         for key, value in layer.last_stats.items():
             assert_close(value, ref_stats[d][key], msg=lambda m, k=key: f"{k} {tag}: {m}")
         _check_grads(layer, ref_grads, tag)
+        if layer.router.expert_bias is not None:
+            update_expert_bias([layer.router], ps.get_tensor_context_and_data_parallel_group())
+            assert_close(layer.router.expert_bias, ref_stats[-1], msg=f"expert bias {tag}")
         return {k: v.tolist() for k, v in layer.last_stats.items()}
     finally:
         ps.destroy_model_parallel()

@@ -124,3 +124,21 @@ def test_flops_count_active_parameters(freq):
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model(tokens, tokens).mean().backward()
     assert counter.get_total_flops() == num_floating_point_operations(cfg, 3, moe=moe)
+
+
+def test_setup_checks_name_the_flags():
+    from megalite.moe.training import check_moe_setup
+
+    moe = MoEConfig(num_experts=8, expert_model_parallel_size=4)
+    with pytest.raises(ConfigError, match="--deepspeed: use megalite's own ZeRO .*--zero-stage"):
+        check_moe_setup(moe, world_size=8, deepspeed=True)
+    with pytest.raises(ConfigError, match=r"\(4\) x expert-tensor-parallel size \(2\) = 8 does"):
+        check_moe_setup(
+            moe, world_size=8, tensor_model_parallel_size=2, pipeline_model_parallel_size=2
+        )
+    with pytest.raises(ConfigError, match=r"--seq-length \(6\) must be divisible by 4"):
+        check_moe_setup(MoEConfig(num_experts=4), world_size=4, tensor_model_parallel_size=4,
+                        seq_length=6)  # fmt: skip
+    with pytest.raises(ConfigError, match="--expert-model-parallel-size needs --num-experts"):
+        check_moe_setup(MoEConfig(expert_model_parallel_size=2), world_size=2)
+    check_moe_setup(moe, world_size=8, tensor_model_parallel_size=2, sequence_parallel=True)
