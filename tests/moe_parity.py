@@ -102,7 +102,9 @@ def check_layout(tp, ep, etp, sp, moe_kw, bias=None, activation="swiglu"):
         if layer.router.expert_bias is not None:
             update_expert_bias([layer.router], ps.get_tensor_context_and_data_parallel_group())
             assert_close(layer.router.expert_bias, ref_stats[-1], msg=f"expert bias {tag}")
-        return {k: v.tolist() for k, v in layer.last_stats.items()}
+        grads = [p.grad.clone() for p in layer.parameters()]
+        stats = {k: v.tolist() for k, v in layer.last_stats.items()}
+        return stats, (y.detach(), x.grad, grads)
     finally:
         ps.destroy_model_parallel()
 

@@ -1,5 +1,6 @@
 """The one-process MoE layer against a token-by-token loop, and the MoE config checks."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,7 +9,13 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from megalite.config import ConfigError
-from megalite.moe import MoEConfig, MoEGroups, update_expert_bias
+from megalite.moe import (
+    MoEConfig,
+    MoEGroups,
+    expert_bias_routers,
+    moe_layers,
+    update_expert_bias,
+)
 from tests.moe_parity import B, E, H, S, gpt_config, make_layer, moe_config
 
 
@@ -142,3 +149,38 @@ def test_setup_checks_name_the_flags():
     with pytest.raises(ConfigError, match="--expert-model-parallel-size needs --num-experts"):
         check_moe_setup(MoEConfig(expert_model_parallel_size=2), world_size=2)
     check_moe_setup(moe, world_size=8, tensor_model_parallel_size=2, sequence_parallel=True)
+
+
+def test_full_recompute_same_grads_and_metrics_recorded_once():
+    from megalite.model import build_model
+    from megalite.moe import moe_metrics
+
+    tokens = torch.randint(0, 64, (2, S + 1))
+    moe = moe_config(moe_router_enable_expert_bias=True)
+    results = []
+    for recompute in ("none", "full"):
+        cfg = dataclasses.replace(gpt_config(), recompute_granularity=recompute)
+        (model,) = build_model(cfg, 1, use_parallel_state=False, moe=moe)
+        model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
+        counts = [r.local_tokens_per_expert.sum().item() for r in expert_bias_routers([model])]
+        calls = [m.metrics["calls"] for m in moe_layers([model])]
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        results.append((grads, counts, calls, moe_metrics([model])))
+    (g0, c0, n0, m0), (g1, c1, n1, m1) = results
+    assert c0 == c1 == [S * 2 * 2] * 2 and n0 == n1 == [1, 1]
+    assert m0 == m1
+    for name in g0:
+        assert_close(g1[name], g0[name], msg=name)
+
+
+def test_bf16_grouped_gemm_runs():
+    cfg = dataclasses.replace(gpt_config(), params_dtype=torch.bfloat16)
+    layer = make_layer(cfg, moe_config(moe_grouped_gemm=True), MoEGroups())
+    x = torch.randn(S, B, H, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.float().square().sum().backward()
+    assert (
+        y.dtype == torch.bfloat16 and layer.experts.linear_fc1.weight.grad.dtype == torch.bfloat16
+    )
+    ref = make_layer(gpt_config(), moe_config(), MoEGroups())
+    assert_close(y.float(), ref(x.detach().float()), rtol=0.05, atol=0.02)

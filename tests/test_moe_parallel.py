@@ -4,6 +4,7 @@ cases of issue #14: an EP rank whose experts get no token, every token to one ex
 number of experts, EP = number of experts."""
 
 import pytest
+from torch.testing import assert_close
 
 from tests.harness import run_distributed
 from tests.moe_parity import check_layout
@@ -20,9 +21,14 @@ def _many(layouts, cases):
     out = []
     for moe_kw, bias, activation in cases:
         for tp, ep, etp, sp in layouts:
+            tensors = []
             for kind in DISPATCHERS:
                 kw = dict(moe_kw, moe_token_dispatcher_type=kind)
-                out.append(check_layout(tp, ep, etp, sp, kw, bias, activation))
+                stats, result = check_layout(tp, ep, etp, sp, kw, bias, activation)
+                out.append(stats)
+                tensors.append(result)
+            # The two dispatchers give the same output, input grads and parameter grads.
+            assert_close(tensors[0], tensors[1], msg=f"dispatchers differ at {tp} {ep} {etp} {sp}")
     return out
 
 
