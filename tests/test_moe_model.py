@@ -27,7 +27,7 @@ from megalite.pipeline_parallel import get_forward_backward_func
 from tests.harness import run_distributed
 from tests.test_dp_gpt import BASE, CLIP, LR, MB, SEED, WD, M, _forward_step, batches, tp_shard
 
-STEPS = 3
+STEPS = 8
 MOE = dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_aux_loss_coeff=1e-2,
            moe_z_loss_coeff=1e-3)  # fmt: skip
 
@@ -136,11 +136,17 @@ CASES_4 = [
     dict(tp=1, pp=2, ep=2, etp=1, zero=2, moe=dict(moe_token_dispatcher_type="alltoall",
                                                    moe_layer_freq="[0,0,1,1]")),
     dict(tp=1, pp=1, ep=4, etp=1, zero=1, moe=dict(moe_router_topk=4)),
+    dict(tp=2, pp=2, ep=1, etp=2, zero=0, sequence_parallel=True, activation="swiglu",
+         moe=dict(moe_router_topk=1, moe_shared_expert_intermediate_size=32)),
+    dict(tp=2, pp=2, ep=2, etp=1, zero=2, sequence_parallel=True,
+         moe=dict(moe_token_dispatcher_type="alltoall", moe_router_score_function="sigmoid",
+                  moe_router_load_balancing_type="seq_aux_loss")),
 ]  # fmt: skip
 
 
 @pytest.mark.slow
 def test_moe_gpt_ep2_tp2_matches_one_process():
-    """EP2 x TP2 (SP, ETP 1 and 2), EP2 x PP2 with a stage holding no expert, ZeRO 0/1/2."""
+    """8 steps: EP2 x TP2 (SP, ETP 1 and 2), EP2 x PP2 with a stage holding no expert, EP4,
+    TP2 x PP2 at EP1 and EP2; both dispatchers, top-1/2/4, shared experts, ZeRO 0/1/2."""
     results = run_distributed(4, _cases, CASES_4)
     assert any(len(r) == STEPS for r in results[-1])
