@@ -26,7 +26,7 @@ PREFIX = "decoder.layers.0.mlp."
 def gpt_config(tp=1, sp=False, activation="swiglu") -> GPTConfig:
     return GPTConfig(
         num_layers=2, hidden_size=H, num_attention_heads=4, vocab_size=64, seq_length=S,
-        ffn_hidden_size=64, activation=activation, add_bias_linear=False,
+        ffn_hidden_size=64, swiglu=activation == "swiglu", disable_bias_linear=True,
         tensor_model_parallel_size=tp, sequence_parallel=sp, hidden_dropout=0.0,
         attention_dropout=0.0,
     )  # fmt: skip

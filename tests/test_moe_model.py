@@ -6,6 +6,7 @@ micro-batch quantity), each weighted 1 / (all micro-batches), aux losses include
 """
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -83,18 +84,19 @@ def _run(case: dict):
         for c in build_model(cfg, SEED, moe=moe)
     ]  # fmt: skip
     set_aux_loss_scale(chunks, 1.0 / M)
+    groups = ps.get_model_parallel_groups()
     opt = build_optimizer(OptimizerConfig(lr=LR, weight_decay=WD, clip_grad=CLIP, zero_stage=zero),
-                          chunks)  # fmt: skip
+                          chunks, groups)  # fmt: skip
     s = cfg.seq_length // tp if cfg.sequence_parallel else cfg.seq_length
     losses, norms = [], []
     for step in range(STEPS):
         mine = batches(step, dp, cfg.vocab_size)[d * M * MB : (d + 1) * M * MB]
         micro = [(mine[i * MB : (i + 1) * MB, :-1], mine[i * MB : (i + 1) * MB, 1:])
                  for i in range(M)]  # fmt: skip
-        out = get_forward_backward_func()(
+        out = get_forward_backward_func(pp)(
             _forward_step, iter(micro), chunks[0], M, tensor_shape=(s, MB, cfg.hidden_size),
             no_sync_func=[c.no_sync for c in chunks],
-            finalize_model_grads_func=finalize_model_grads,
+            finalize_model_grads_func=functools.partial(finalize_model_grads, groups=groups),
         )  # fmt: skip
         updated, norm, _ = opt.step()
         assert updated
@@ -130,13 +132,13 @@ def _cases(cases):
 
 
 CASES_4 = [
-    dict(tp=2, pp=1, ep=2, etp=1, zero=1, sequence_parallel=True, activation="swiglu",
+    dict(tp=2, pp=1, ep=2, etp=1, zero=1, sequence_parallel=True, swiglu=True,
          moe=dict(moe_token_dispatcher_type="alltoall", moe_shared_expert_intermediate_size=32)),
     dict(tp=2, pp=1, ep=2, etp=2, zero=0, sequence_parallel=True, moe=dict(moe_router_topk=1)),
     dict(tp=1, pp=2, ep=2, etp=1, zero=2, moe=dict(moe_token_dispatcher_type="alltoall",
                                                    moe_layer_freq="[0,0,1,1]")),
     dict(tp=1, pp=1, ep=4, etp=1, zero=1, moe=dict(moe_router_topk=4)),
-    dict(tp=2, pp=2, ep=1, etp=2, zero=0, sequence_parallel=True, activation="swiglu",
+    dict(tp=2, pp=2, ep=1, etp=2, zero=0, sequence_parallel=True, swiglu=True,
          moe=dict(moe_router_topk=1, moe_shared_expert_intermediate_size=32)),
     dict(tp=2, pp=2, ep=2, etp=1, zero=2, sequence_parallel=True,
          moe=dict(moe_token_dispatcher_type="alltoall", moe_router_score_function="sigmoid",

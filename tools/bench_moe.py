@@ -40,7 +40,7 @@ from megalite.moe import MoEConfig, Router, set_aux_loss_scale  # noqa: E402
 def configs(args, tp_ep: int = 1):
     gpt = dict(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=4,
-        vocab_size=1024, seq_length=args.seq_length, activation="swiglu", add_bias_linear=False,
+        vocab_size=1024, seq_length=args.seq_length, swiglu=True, disable_bias_linear=True,
         normalization="RMSNorm", position_embedding_type="rope", hidden_dropout=0.0,
         attention_dropout=0.0, make_vocab_size_divisible_by=128,
     )  # fmt: skip
