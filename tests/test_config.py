@@ -50,8 +50,8 @@ def test_field_names_are_unique_and_every_section_is_a_dataclass():
     fields = section_of_field()  # raises on a duplicate
     assert fields["tensor_model_parallel_size"] == "parallel"
     assert fields["num_layers"] == "model" and fields["lr"] == "optimizer"
-    assert set(SECTIONS) == {"model", "parallel", "optimizer", "schedule", "training", "data",
-                             "checkpoint", "logging", "megatron"}  # fmt: skip
+    assert set(SECTIONS) == {"model", "moe", "parallel", "optimizer", "schedule", "training",
+                             "data", "checkpoint", "logging", "megatron"}  # fmt: skip
 
 
 def test_config_file_sits_under_the_command_line(tmp_path):

@@ -91,7 +91,15 @@ class MoEConfig:
     moe_grouped_gemm: bool = option(
         False, "one grouped GEMM for all local experts (torch.nn.functional.grouped_mm)"
     )
-    moe_per_layer_logging: bool = option(False, "log aux loss, z-loss and load per MoE layer")
+    moe_per_layer_logging: bool = option(
+        False, "accepted; per-layer aux loss, z-loss and load are always in the metrics file"
+    )
+    moe_router_dtype: Optional[str] = option(
+        None, "dtype of the router's logits and scores (default fp32)", choices=("fp32", "fp64")
+    )
+    moe_permute_fusion: bool = option(
+        False, "accepted for Megatron-LM compatibility; selects a kernel megalite does not have"
+    )
     expert_model_parallel_size: int = option(1, "ranks the experts are split across (EP)")
     expert_tensor_parallel_size: Optional[int] = option(
         None, "ranks each expert's weights are split across (ETP; None: the TP size)"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megalite.moe.collectives import AttachAuxLoss
@@ -137,21 +138,52 @@ def moe_layers(modules) -> list[MoELayer]:
     return [m for module in modules for m in module.modules() if isinstance(m, MoELayer)]
 
 
-def moe_metrics(modules, reset: bool = True) -> dict[str, float]:
-    """Per-layer means since the last reset: aux losses, and expert load max/mean (tokens per
-    expert per micro-batch, summed over the micro-batch's ranks)."""
-    out: dict[str, float] = {}
-    for layer in moe_layers(modules):
-        m, name = layer.metrics, layer.layer_name
-        if m["calls"] == 0:
-            continue
-        for key in ("load_balancing_loss", "z_loss"):
-            if key in m:
-                out[f"moe/{key}/{name}"] = m[key] / m["calls"]
-        load = m["tokens_per_expert"] / m["calls"]
-        out[f"moe/load_max_over_mean/{name}"] = float(load.max() / load.mean().clamp_min(1e-9))
+def moe_metrics(modules, reset: bool = True, group=None) -> dict[str, float]:
+    """Per-layer means since the last reset, keyed ``moe_<metric>_layer<i>``: the aux losses,
+    and the expert load max / mean (tokens per expert, summed over the ranks sharing a
+    micro-batch). With `group` (the DP group) every DP rank's micro-batches count, so the
+    values are the whole global batch's at any layout (collective over `group`)."""
+    layers = moe_layers(modules)
+    rows = []
+    for layer in layers:
+        m = layer.metrics
+        head = [m.get("load_balancing_loss", 0.0), m.get("z_loss", 0.0), float(m["calls"])]
+        rows.append(torch.cat([torch.tensor(head), m["tokens_per_expert"].float()]))
         if reset:
             layer.reset_metrics()
+    if not rows:
+        return {}
+    table = torch.stack(rows).double()
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        from megalite.data_parallel.clip_grads import comm_device
+
+        table = table.to(comm_device(group))
+        dist.all_reduce(table, group=group)
+        table = table.cpu()
+    out: dict[str, float] = {}
+    for layer, row in zip(layers, table):
+        calls = row[2].item()
+        if calls == 0:
+            continue
+        tag = layer.layer_name.split(".")[2] if layer.layer_name.count(".") >= 2 else "0"
+        if layer.moe.moe_router_load_balancing_type != "none" and layer.moe.moe_aux_loss_coeff:
+            out[f"moe_load_balancing_loss_layer{tag}"] = row[0].item() / calls
+        if layer.moe.moe_z_loss_coeff:
+            out[f"moe_z_loss_layer{tag}"] = row[1].item() / calls
+        load = row[3:]
+        out[f"moe_load_max_over_mean_layer{tag}"] = float(load.max() / load.mean().clamp_min(1e-9))
+    return out
+
+
+def summarize_metrics(per_layer: dict[str, float], per_layer_keys: bool = True) -> dict:
+    """Add ``moe_load_balancing_loss`` and ``moe_z_loss`` (means over the MoE layers) and
+    ``moe_load_max_over_mean`` (the worst layer) to `per_layer` (kept unless not wanted)."""
+    out = dict(per_layer) if per_layer_keys else {}
+    for key, reduce in (("load_balancing_loss", "mean"), ("z_loss", "mean"),
+                        ("load_max_over_mean", "max")):  # fmt: skip
+        values = [v for k, v in per_layer.items() if k.startswith(f"moe_{key}_layer")]
+        if values:
+            out[f"moe_{key}"] = max(values) if reduce == "max" else sum(values) / len(values)
     return out
 
 

@@ -51,7 +51,8 @@ class Router(nn.Module):
 
     def forward(self, tokens: torch.Tensor, batch: int, stats_group=None):
         moe, k = self.moe, self.topk
-        logits = F.linear(tokens.float(), self.weight.float())  # [T, E], fp32 routing
+        dtype = torch.float64 if moe.moe_router_dtype == "fp64" else torch.float32
+        logits = F.linear(tokens.to(dtype), self.weight.to(dtype))  # [T, E]
         if moe.moe_router_score_function == "softmax":
             scores = torch.softmax(logits, dim=-1)
         else:
@@ -74,7 +75,7 @@ class Router(nn.Module):
         stats["tokens_per_expert"] = reduce_from_tensor_model_parallel_region(
             counts.detach(), stats_group
         )
-        return experts, weights.to(tokens.dtype), keep, aux, stats
+        return experts, weights.to(tokens.dtype), keep, aux.float(), stats
 
     def _capacity_mask(self, routing_map, scores, experts, num_tokens) -> Optional[torch.Tensor]:
         cf = self.moe.moe_expert_capacity_factor

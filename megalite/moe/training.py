@@ -14,7 +14,7 @@ from typing import Optional
 
 from megalite.config import ConfigError
 from megalite.moe.config import MoEConfig
-from megalite.moe.layer import expert_bias_routers, moe_metrics, set_aux_loss_scale
+from megalite.moe.layer import expert_bias_routers, moe_layers, moe_metrics, set_aux_loss_scale
 from megalite.moe.router import update_expert_bias
 
 
@@ -63,9 +63,22 @@ def before_step(chunks, num_microbatches: int, loss_scale: float = 1.0) -> None:
     set_aux_loss_scale(chunks, loss_scale / num_microbatches)
 
 
-def after_step(chunks, stage_group=None, update_bias: bool = True) -> dict[str, float]:
-    """After the optimizer step: the expert-bias update (over the stage's TP x CP x DP ranks)
-    and this step's per-layer MoE metrics (aux loss, z-loss, load max / mean)."""
+def after_step(
+    chunks, stage_group=None, update_bias: bool = True, dp_group=None
+) -> dict[str, float]:
+    """After the optimizer step: the expert-bias update (over the stage's TP x CP x DP ranks;
+    a skipped step only forgets its counts) and this step's per-layer MoE metrics (aux loss,
+    z-loss, load max / mean)."""
+    routers = expert_bias_routers(chunks)
     if update_bias:
-        update_expert_bias(expert_bias_routers(chunks), stage_group)
-    return moe_metrics(chunks)
+        update_expert_bias(routers, stage_group)
+    else:
+        for router in routers:
+            router.local_tokens_per_expert.zero_()
+    return moe_metrics(chunks, group=dp_group)
+
+
+def reset_metrics(chunks) -> None:
+    """Forget what forwards since the last step recorded (e.g. evaluation batches)."""
+    for layer in moe_layers(chunks):
+        layer.reset_metrics()

@@ -128,6 +128,8 @@ class Trainer:
             if p.num_layers_per_virtual_pipeline_stage
             else None,
             context_parallel_size=p.context_parallel_size,
+            expert_model_parallel_size=cfg.moe.expert_model_parallel_size,
+            expert_tensor_parallel_size=cfg.moe.expert_tensor_parallel_size,
         )
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
@@ -141,7 +143,8 @@ class Trainer:
 
         seed_everything(cfg.training.seed, self.tp_rank, self.pp_rank)
         self.config: GPTConfig = cfg.model_config(tokenizer_vocab_size(cfg))
-        chunks = build_model(self.config, cfg.training.seed, device=self.device)
+        self.moe = cfg.moe if cfg.moe.enabled else None
+        chunks = build_model(self.config, cfg.training.seed, device=self.device, moe=self.moe)
         self.iteration, self.consumed, self.consumed_valid = 0, 0, 0
         self.schedule, self.decoupled_schedule = cfg.lr_schedules()
         files = self._read_checkpoint(chunks)
@@ -325,7 +328,7 @@ class Trainer:
                 )
             self._housekeeping()
             if self.iteration % log.log_interval == 0 or self.iteration == last:
-                self._log(loss, lr, grad_norm, skipped, step_time, gbs)
+                self._log(loss, lr, grad_norm, skipped, step_time, gbs, self._moe_metrics())
             if (
                 log.eval_iters
                 and self.valid_ds is not None
@@ -391,11 +394,25 @@ class Trainer:
             for n, r in spans.items()
         )
 
-    def _log(self, loss, lr, grad_norm, skipped, step_time, gbs) -> None:
+    def _moe_metrics(self) -> dict:
+        """This step's MoE metrics of every stage, gathered to every rank of the pipeline
+        (collective over the PP group; every rank calls it at a log iteration)."""
+        if self.moe is None:
+            return {}
+        local = self.engine.moe_metrics
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            parts: list = [None] * ps.get_pipeline_model_parallel_world_size()
+            dist.all_gather_object(parts, local, group=ps.get_pipeline_model_parallel_group())
+            local = {k: v for part in parts for k, v in part.items()}
+        from megalite.moe.layer import summarize_metrics
+
+        return summarize_metrics(local)
+
+    def _log(self, loss, lr, grad_norm, skipped, step_time, gbs, moe=None) -> None:
         if not self.writer:
             return
         tokens = gbs * self.config.seq_length
-        flops = num_floating_point_operations(self.config, gbs)
+        flops = num_floating_point_operations(self.config, gbs, moe=self.moe)
         tflops = flops / step_time / dist.get_world_size() / 1e12
         record = {
             "iteration": self.iteration,
@@ -413,4 +430,5 @@ class Trainer:
             record["global_batch_size"] = gbs
         if self.cfg.optimizer.fp16:
             record["loss_scale"] = self.engine.loss_scale()
+        record.update(moe or {})
         self.reporter.train(record)
