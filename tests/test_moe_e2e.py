@@ -77,3 +77,18 @@ def test_mixtral_style_command_line_parses():
         load_config(BASE + ["--deepspeed", "--deepspeed_config", "x.json"])[0].resolve(2)
     with pytest.raises(ConfigError, match=r"num-experts \(4\) is not divisible by .* \(8\)"):
         load_config(BASE + ["--expert-model-parallel-size", "8"])
+
+
+def test_check_layouts_with_experts():
+    from pathlib import Path
+
+    from megalite.check import LayoutSyntaxError, ModelSpec, parse_layout, pretrain_argv
+
+    layout = parse_layout("tp2dp2ep2spa2a")
+    assert (layout.tp, layout.dp, layout.ep, layout.sp, layout.a2a) == (2, 2, 2, True, True)
+    assert layout.world_size == 4 and layout.reference().name == "ep1"
+    argv = pretrain_argv(layout, ModelSpec(), Path("."))
+    assert "--expert-model-parallel-size=2" in argv and "--num-experts=4" in argv
+    assert "--moe-token-dispatcher-type=alltoall" in argv
+    with pytest.raises(LayoutSyntaxError, match="a2a needs ep"):
+        parse_layout("dp2a2a")
