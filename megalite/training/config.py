@@ -302,18 +302,6 @@ class RunConfig:
             context_parallel_size=p.context_parallel_size, deepspeed=p.deepspeed,
             sequence_parallel=p.sequence_parallel, seq_length=self.model.seq_length,
         )  # fmt: skip
-        if not m.enabled:
-            return
-        tp = p.tensor_model_parallel_size
-        ep, etp = m.expert_model_parallel_size, m.expert_tensor_parallel(tp)
-        c = self.checkpoint
-        if (c.save or c.load) and (ep > 1 or etp not in (1, tp)):
-            raise ConfigError(
-                f"--save/--load with --expert-model-parallel-size {ep} and "
-                f"--expert-tensor-parallel-size {etp}: checkpoints of expert parameters split "
-                "over data-parallel ranks are not implemented yet; save at EP 1 with ETP 1 or "
-                "equal to the TP size"
-            )
 
     def _batch_sizes(self) -> list[tuple[int, str]]:
         t = self.training

@@ -183,6 +183,7 @@ class Trainer:
             self._say(f"no checkpoint in --load {c.load}: training from scratch")
             return None
         ckpt.check_compatible(meta, self.config, folder)
+        self._check_expert_layout(meta, folder)
         coords = {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp_rank}
         load_optim = not (c.no_load_optim or c.finetune or self.cfg.parallel.deepspeed)
         files, error = None, None
@@ -208,6 +209,48 @@ class Trainer:
         self._say(f"loaded checkpoint {folder} (iteration {meta['iteration']})")
         return files
 
+    # --- MoE: experts that differ across DP ranks are saved by every DP rank -----------------
+    def _expert_layout(self) -> Optional[dict]:
+        if self.moe is None:
+            return None
+        return {
+            "num_experts": self.moe.num_experts,
+            "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
+            "expert_tensor_parallel_size": ps.get_expert_tensor_parallel_world_size(),
+        }
+
+    def _experts_split_over_dp(self) -> bool:
+        """True when DP ranks of one (TP, PP) shard hold different expert weights: EP > 1, or
+        ETP other than 1 and TP."""
+        if self.moe is None:
+            return False
+        etp = ps.get_expert_tensor_parallel_world_size()
+        tp = ps.get_tensor_model_parallel_world_size()
+        return ps.get_expert_model_parallel_world_size() > 1 or etp not in (1, tp)
+
+    def _optimizer_per_dp_rank(self) -> bool:
+        """ZeRO shards, or (MoE) a replicated optimizer whose expert state differs by DP rank:
+        every DP rank writes its own optimizer file."""
+        return self.engine.optimizer_sharded or self._experts_split_over_dp()
+
+    def _expert_state(self) -> dict:
+        return {
+            f"chunk{i}": {
+                name: p.detach()
+                for name, p in self.engine.unwrap(c).named_parameters()
+                if getattr(p, "expert", False)
+            }
+            for i, c in enumerate(self.engine.chunks)
+        }
+
+    def _check_expert_layout(self, meta: dict, folder) -> None:
+        saved, mine = meta.get("expert_layout"), self._expert_layout()
+        if saved != mine:
+            raise ckpt.CheckpointError(
+                f"checkpoint {folder} has MoE layout {saved}, this run {mine}: resuming at "
+                "another expert layout (or resharding experts) is not implemented yet"
+            )
+
     def save(self) -> None:
         from megalite.training.arguments import dump_yaml
 
@@ -221,21 +264,23 @@ class Trainer:
             "settings": settings,
             "model": to_dict(self.config),
             "padded_vocab_size": self.config.padded_vocab_size,
-            "optimizer_sharded": self.engine.optimizer_sharded,
+            "optimizer_sharded": self._optimizer_per_dp_rank(),
             "consumed_train_samples": self.consumed,
             "consumed_valid_samples": self.consumed_valid,
             "lr_schedule": self.schedule.state_dict(),
             "world_size": dist.get_world_size(),
             "data_parallel_size": self.dp,
+            "expert_layout": self._expert_layout(),
         }
         ckpt.save_checkpoint(
             cfg.checkpoint.save, self.iteration,
             coords={"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp_rank},
             model_state=self.engine.model_state,
             optimizer_state=self.engine.optimizer_state,
-            optimizer_sharded=self.engine.optimizer_sharded,
+            optimizer_sharded=self._optimizer_per_dp_rank(),
             rng_state=ckpt.get_rng_state(get_rng_tracker().get_states()), meta=meta,
             extra_files={ckpt.CONFIG_FILE: dump_yaml(cfg)},
+            expert_state=self._expert_state if self._experts_split_over_dp() else None,
         )  # fmt: skip
         self._say(f"saved checkpoint at iteration {self.iteration} to {cfg.checkpoint.save}")
 
