@@ -57,19 +57,22 @@ def test_moe_pretrain_layouts_match_one_process(tmp_path):
             assert_close(got_k, want, rtol=1e-5, atol=1e-7, msg=f"{layout}: {key}")
 
 
+MIXTRAL = (
+    "--use-mcore-models --disable-bias-linear --seq-length 32 --max-position-embeddings 64 "
+    "--num-layers 2 --hidden-size 64 --ffn-hidden-size 112 --num-attention-heads 4 "
+    "--init-method-std 0.01 --attention-dropout 0.0 --hidden-dropout 0.0 --normalization "
+    "RMSNorm --position-embedding-type rope --swiglu --untie-embeddings-and-output-weights "
+    "--group-query-attention --num-query-groups 2 --no-masked-softmax-fusion --rotary-base "
+    "1000000 --num-experts 8 --moe-router-topk 2 --moe-router-load-balancing-type aux_loss "
+    "--moe-aux-loss-coeff 1e-2 --moe-grouped-gemm --moe-token-dispatcher-type alltoall "
+    "--overlap-param-gather --overlap-grad-reduce --use-distributed-optimizer "
+    "--expert-model-parallel-size 2 --micro-batch-size 1 --global-batch-size 8 --lr 1e-4 "
+    "--train-iters 2 --mock-data --vocab-size 256 --moe-router-dtype fp32"
+).split()
+
+
 def test_mixtral_style_command_line_parses():
-    mixtral = (
-        "--use-mcore-models --disable-bias-linear --seq-length 32 --max-position-embeddings 64 "
-        "--num-layers 2 --hidden-size 64 --ffn-hidden-size 112 --num-attention-heads 4 "
-        "--init-method-std 0.01 --attention-dropout 0.0 --hidden-dropout 0.0 --normalization "
-        "RMSNorm --position-embedding-type rope --swiglu --untie-embeddings-and-output-weights "
-        "--group-query-attention --num-query-groups 2 --no-masked-softmax-fusion --rotary-base "
-        "1000000 --num-experts 8 --moe-router-topk 2 --moe-router-load-balancing-type aux_loss "
-        "--moe-aux-loss-coeff 1e-2 --moe-grouped-gemm --moe-token-dispatcher-type alltoall "
-        "--overlap-param-gather --overlap-grad-reduce --use-distributed-optimizer "
-        "--expert-model-parallel-size 2 --micro-batch-size 1 --global-batch-size 8 --lr 1e-4 "
-        "--train-iters 2 --mock-data --vocab-size 256 --moe-router-dtype fp32"
-    ).split()
+    mixtral = MIXTRAL
     cfg, _ = load_config(mixtral)
     cfg.resolve(4)
     assert cfg.moe.num_experts == 8 and cfg.moe.expert_model_parallel_size == 2
@@ -116,3 +119,9 @@ def test_moe_resume_is_bit_identical_tp2_ep2(tmp_path, zero):
     # another expert layout is refused (a UserError: exit status 2 on every rank)
     other = extra.replace("--expert-model-parallel-size 2", "") + f" --load {ck}"
     assert run_distributed(4, _pretrain, BASE + other.split(), timeout=300) == [2] * 4
+
+
+@pytest.mark.slow
+def test_mixtral_style_command_line_trains_at_tp2_ep2():
+    argv = MIXTRAL + "--tensor-model-parallel-size 2 --sequence-parallel --eval-iters 0".split()
+    assert run_distributed(4, _pretrain, argv, timeout=300) == [0] * 4
