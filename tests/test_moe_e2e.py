@@ -30,8 +30,9 @@ def _pretrain(argv):
     return pretrain(argv)
 
 
-def _run(world, extra, path):
+def _run(world, extra, path, tb=None):
     argv = BASE + extra.split() + ["--metrics-file", str(path)]
+    argv += ["--tensorboard-dir", str(tb)] if tb else []
     assert run_distributed(world, _pretrain, argv, timeout=300) == [0] * world
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     return [r for r in rows if "split" not in r]
@@ -39,9 +40,17 @@ def _run(world, extra, path):
 
 @pytest.mark.slow
 def test_moe_pretrain_layouts_match_one_process(tmp_path):
-    ref = _run(1, "", tmp_path / "ref.jsonl")
+    ref = _run(1, "", tmp_path / "ref.jsonl", tb=tmp_path / "tb")
     assert len(ref) == 8 and {f"moe_z_loss_layer{i}" for i in range(4)} <= set(ref[0])
     assert ref[0]["moe_load_max_over_mean"] >= 1.0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/moe_load_balancing_loss", "train/moe_load_max_over_mean_layer3"} <= tags
+    values = [e.value for e in acc.Scalars("train/moe_z_loss")]
+    assert_close(torch.tensor(values), torch.tensor([r["moe_z_loss"] for r in ref]))
     layouts = [
         "--tensor-model-parallel-size 2 --sequence-parallel --expert-model-parallel-size 2 "
         "--zero-stage 1 --moe-token-dispatcher-type alltoall",
