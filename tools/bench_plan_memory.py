@@ -47,38 +47,60 @@ MATRIX = [
     (4, S(pp=2, zero_stage=2, num_microbatches=4, recompute="selective")),
     (4, S(tp=4, sequence_parallel=True, swiglu=True, rope=True)),
     (4, S(zero_stage=1, bf16=True, num_microbatches=2)),
-    (4, S(tp=2, pp=2, swiglu=True, rope=True, rmsnorm=True, num_query_groups=2, untie=True,
-          num_microbatches=4)),
+    (
+        4,
+        S(
+            tp=2,
+            pp=2,
+            swiglu=True,
+            rope=True,
+            rmsnorm=True,
+            num_query_groups=2,
+            untie=True,
+            num_microbatches=4,
+        ),
+    ),
     (8, S(tp=2, pp=2, zero_stage=1, num_microbatches=4)),
     (8, S(tp=2, pp=4, num_microbatches=8, num_layers=8, vp_layers=1, zero_stage=2)),
     (8, S(pp=8, num_layers=8, num_microbatches=8)),
     (8, S(tp=8, sequence_parallel=True, num_attention_heads=8, recompute="full")),
 ]
-# Step-time ranking: layouts that differ in the work per rank (4 ranks, one pool).
+# Step-time ranking: 2-rank layouts (one rank per core of the 2-core test machine) of one model
+# family, differing in the split (DP / TP / PP / interleaved) and in the work per rank.
+_T = dict(hidden_size=128, num_microbatches=4, timed_steps=6)
 TIMED = [
-    S(num_microbatches=1, timed_steps=3),
-    S(num_microbatches=2, timed_steps=3),
-    S(num_microbatches=4, timed_steps=3),
-    S(num_microbatches=4, recompute="full", timed_steps=3),
-    S(num_microbatches=8, timed_steps=3),
-    S(num_microbatches=4, hidden_size=128, timed_steps=3),
-    S(num_microbatches=8, hidden_size=128, timed_steps=3),
-    S(num_microbatches=4, hidden_size=128, num_layers=8, timed_steps=3),
+    S(**_T),
+    S(**(_T | {"num_microbatches": 8})),
+    S(**(_T | {"hidden_size": 64, "num_microbatches": 2})),
+    S(**(_T | {"hidden_size": 256})),
+    S(**(_T | {"recompute": "full"})),
+    S(tp=2, **_T),
+    S(tp=2, sequence_parallel=True, **(_T | {"num_microbatches": 8})),
+    S(pp=2, **_T),
+    S(pp=2, **(_T | {"num_microbatches": 8})),
+    S(pp=2, vp_layers=1, **(_T | {"num_microbatches": 8})),
 ]
 
 
-def predict(spec: MeasureSpec, world: int) -> list[int]:
-    """The planner's peak bytes per pipeline stage for `spec` on `world` CPU ranks."""
-    from megalite.planner import Layout, Runtime, plan_memory
-    from megalite.planner.layout import DEFAULT_BUCKET_SIZE
+def _layout(spec: MeasureSpec, world: int):
+    from megalite.planner import Layout
 
     config = spec.model_config()
-    layout = Layout(
+    return Layout(
         tp=spec.tp, pp=spec.pp, dp=world // (spec.tp * spec.pp), vp=config.virtual_pipeline_size,
         sequence_parallel=config.sequence_parallel, micro_batch_size=spec.micro_batch_size,
         num_microbatches=spec.num_microbatches, zero_stage=spec.zero_stage,
         recompute=spec.recompute,
     )  # fmt: skip
+
+
+def predict(spec: MeasureSpec, world: int) -> list[int]:
+    """The planner's peak bytes per pipeline stage for `spec` on `world` CPU ranks."""
+    from megalite.planner import Runtime, plan_memory
+    from megalite.planner.layout import DEFAULT_BUCKET_SIZE
+
+    config = spec.model_config()
+    layout = _layout(spec, world)
     runtime = Runtime(
         params_dtype=config.params_dtype,
         device_kind="cpu",
@@ -133,22 +155,43 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return cov / var
 
 
-def timing(world: int = 4) -> tuple[list[dict], float]:
-    from megalite.planner import Layout, Runtime, cpu_device, estimate_step_time
+def _links(bytes_: int = 1 << 22) -> tuple[float, float]:
+    """(latency s, bandwidth GB/s) of this gloo group: a 1-element and a 4 MiB all-reduce."""
+    import torch
+    import torch.distributed as dist
+
+    def best(t: torch.Tensor) -> float:
+        times = []
+        for _ in range(10):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(t)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    world = dist.get_world_size()
+    latency = best(torch.ones(1))
+    big = best(torch.ones(bytes_ // 4)) - latency
+    return latency, 2 * (world - 1) / world * bytes_ / big / 1e9
+
+
+def timing(world: int = 2) -> tuple[list[dict], float]:
+    from megalite.planner import Runtime, cpu_device, estimate_step_time
     from megalite.planner.measure import measure_layout
     from tests.harness import run_distributed
 
-    device = cpu_device(ranks=world)
+    latency, gbps = run_distributed(world, _links)[0]
+    device = cpu_device(ranks=world).with_overrides(
+        latency_s=latency, intra_node_gbps=gbps, inter_node_gbps=gbps
+    )
+    print(f"CPU device: {device}")
     rows = []
     for spec in TIMED:
         measured = max(r["step_time_s"] for r in run_distributed(world, measure_layout, spec))
         config = spec.model_config()
-        layout = Layout(tp=spec.tp, pp=spec.pp, dp=world // (spec.tp * spec.pp),
-                        micro_batch_size=spec.micro_batch_size,
-                        num_microbatches=spec.num_microbatches, recompute=spec.recompute,
-                        zero_stage=spec.zero_stage)  # fmt: skip
+        layout = _layout(spec, world)
         est = estimate_step_time(config, layout, Runtime(config.params_dtype, "cpu"), device, 1)
-        rows.append(dict(layout=spec.name + f"-h{spec.hidden_size}-L{spec.num_layers}",
+        rows.append(dict(layout=f"{spec.name}-h{spec.hidden_size}",
                          estimated=est.step_time_s, measured=measured))  # fmt: skip
     rho = spearman([r["estimated"] for r in rows], [r["measured"] for r in rows])
     return rows, rho
@@ -158,13 +201,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", default="", help="layouts whose name contains this")
     ap.add_argument("--no-time", action="store_true", help="skip the step-time ranking")
+    ap.add_argument("--time-only", action="store_true", help="only the step-time ranking")
     ap.add_argument("--json", default=None, help="write the rows here")
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     start = time.time()
-    rows = compare(MATRIX, a.only)
-    print_table(rows)
-    result = {"memory": rows}
+    result = {}
+    if not a.time_only:
+        rows = compare(MATRIX, a.only)
+        print_table(rows)
+        result["memory"] = rows
     if not a.no_time:
         trows, rho = timing()
         print(f"\n{'layout':44} {'estimated s':>12} {'measured s':>11}")

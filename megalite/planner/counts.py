@@ -11,8 +11,8 @@ stage. Construction cost is one layer per (model shape, TP), cached.
 from __future__ import annotations
 
 import dataclasses
-from unittest import mock
 from typing import NamedTuple
+from unittest import mock
 
 import torch
 

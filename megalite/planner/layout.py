@@ -56,7 +56,9 @@ class Layout:
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"layout: zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.deepspeed_stage not in (None, 1, 2, 3):
-            raise ValueError(f"layout: deepspeed_stage must be 1, 2 or 3, got {self.deepspeed_stage}")
+            raise ValueError(
+                f"layout: deepspeed_stage must be 1, 2 or 3, got {self.deepspeed_stage}"
+            )
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"layout: recompute must be none/selective/full, got {self.recompute}")
         if self.vp > 1 and self.pp < 2:

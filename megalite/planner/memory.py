@@ -33,7 +33,9 @@ backward, the embedding's dense gradient, the optimizer step) with the transient
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
 
 from megalite.model.config import GPTConfig
 from megalite.planner.counts import Param, stage_params
@@ -192,7 +194,9 @@ def activation_model(config: GPTConfig, layout: Layout, runtime: Runtime) -> Act
     # weight gradient.
     logits_bwd = tokens * V / t * ((B if padded else 0) + (B if B < 4 else 0)) + V // t * h * B
     f_eff = f * (2 if c.activation == "swiglu" else 1)
-    layer_bwd = tokens * B * (h / sp + (h if sp > 1 else 0) + 2 * f_eff / t)
+    # A layer's backward starts at the MLP: the incoming gradient (all-gathered under SP) and
+    # the gradient of the MLP's wide activation; its weight gradient is added by the caller.
+    layer_bwd = tokens * B * (h / sp + (h if sp > 1 else 0) + f_eff / t)
     return ActivationModel(
         layer=int(layer * tokens),
         layer_full_rebuild=int(saved("none") * tokens),
@@ -218,13 +222,24 @@ def inflight(layout: Layout, pp_rank: int) -> list[int]:
     return [(k % (p * v)) // p for k in range(held)]  # interleaved.chunk_id(k, forward=True)
 
 
+_STATES: dict[tuple, ModelStates] = {}
+
+
+def _states(config: GPTConfig, layout: Layout, runtime: Runtime, pp_rank: int) -> ModelStates:
+    """Model states of a stage, cached on what they depend on (a search varies the rest)."""
+    key = (tuple(getattr(config, f.name) for f in dataclasses.fields(config)), pp_rank,
+           layout.dp, layout.zero_stage, layout.deepspeed_stage, runtime)  # fmt: skip
+    if key not in _STATES:
+        chunks = stage_params(config, pp_rank)
+        build = deepspeed_states if layout.deepspeed_stage else megalite_states
+        _STATES[key] = build(chunks, layout, runtime)
+    return _STATES[key]
+
+
 # --- one rank ----------------------------------------------------------------------------------
 def rank_memory(config: GPTConfig, layout: Layout, runtime: Runtime, pp_rank: int) -> RankMemory:
     """Peak bytes of pipeline stage `pp_rank` (config already split for `layout`)."""
-    chunks = stage_params(config, pp_rank)
-    states = (deepspeed_states if layout.deepspeed_stage else megalite_states)(
-        chunks, layout, runtime
-    )
+    states = _states(config, layout, runtime, pp_rank)
     act = activation_model(config, layout, runtime)
     p, v, B = layout.pp, layout.vp, runtime.dtype_bytes
     first, last = pp_rank == 0, pp_rank == p - 1
@@ -243,8 +258,15 @@ def rank_memory(config: GPTConfig, layout: Layout, runtime: Runtime, pp_rank: in
     bwd = static + states.grad_bytes
     fwd = static + (states.grad_bytes_at_step if zero2 else states.grad_bytes)
     rebuild = act.layer_full_rebuild if config.recompute_granularity == "full" else 0
+    # The layers' backward runs after the loss's: that micro-batch's head activations are gone.
+    head_done = act.head if last else 0
     candidates = {
-        "backward": bwd + held + act.layer_backward + rebuild + states.largest_weight * B,
+        "backward": bwd
+        + held
+        - head_done
+        + act.layer_backward
+        + rebuild
+        + states.largest_weight * B,
         "optimizer step": static + states.grad_bytes_at_step + states.optimizer_transient,
     }
     if last:
@@ -259,8 +281,14 @@ def rank_memory(config: GPTConfig, layout: Layout, runtime: Runtime, pp_rank: in
     peak = int(candidates[phase])
     grads = states.grad_bytes
     known = states.param_bytes + grads + states.optimizer_bytes + held
-    role = "only stage" if p == 1 else "first stage" if first else "last stage" if last else (
-        f"stage {pp_rank}"
+    role = (
+        "only stage"
+        if p == 1
+        else "first stage"
+        if first
+        else "last stage"
+        if last
+        else (f"stage {pp_rank}")
     )
     return RankMemory(
         role=role,
@@ -274,12 +302,17 @@ def rank_memory(config: GPTConfig, layout: Layout, runtime: Runtime, pp_rank: in
         peak_bytes=max(peak, known),
         detail={
             "peak_at": phase,
+            "candidates": {k: int(v) for k, v in candidates.items()},
             "microbatches_in_flight": len(held_chunks),
             "activation_bytes_per_layer_microbatch": act.layer,
         },
     )
 
 
-def plan_memory(config: GPTConfig, layout: Layout, runtime: Runtime) -> list[RankMemory]:
-    """One `RankMemory` per pipeline stage (config already split for `layout`)."""
-    return [rank_memory(config, layout, runtime, r) for r in range(layout.pp)]
+def plan_memory(
+    config: GPTConfig, layout: Layout, runtime: Runtime, stages: Optional[list[int]] = None
+) -> list[RankMemory]:
+    """One `RankMemory` per pipeline stage, or per stage in `stages` (config already split
+    for `layout`)."""
+    wanted = range(layout.pp) if stages is None else stages
+    return [rank_memory(config, layout, runtime, r) for r in wanted]
