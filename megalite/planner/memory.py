@@ -126,14 +126,17 @@ def megalite_states(chunks: list[list[Param]], layout: Layout, runtime: Runtime)
 
 def deepspeed_states(chunks: list[list[Param]], layout: Layout, runtime: Runtime) -> ModelStates:
     """DeepSpeed ZeRO-1/2/3 model states, as `estimate_zero{2,3}_model_states_mem_needs` count
-    them (no offload): 16-bit params (stage 3: sharded + the largest layer gathered), 16-bit
-    grads (stage 1 whole, 2/3 sharded), fp32 grad partition, 12 B/param Adam + fp32 master."""
+    them (no offload): 16-bit params (stage 3: sharded + the largest layer gathered with its
+    grads), 16-bit grads (stage 1 whole, 2 sharded), an fp32 grad partition, and 12 B/param of
+    Adam moments + fp32 master, sharded."""
     dp, stage, dtype = layout.dp, layout.deepspeed_stage, runtime.dtype_bytes
     n = sum(p.numel for c in chunks for p in c)
     per = -(-n // dp)
     largest = max((p.numel for c in chunks for p in c if p.ndim > 1), default=0)
     params = n * dtype if stage < 3 else per * dtype
-    grads = (n if stage == 1 else per) * dtype + (4 * per if dtype < 4 else 0)
+    # stage 1: 16-bit grads whole + fp32 partition; stage 2: both sharded; stage 3: the 16-bit
+    # grads of a gathered layer are reduce-scattered straight into the fp32 partition.
+    grads = {1: n * dtype, 2: per * dtype, 3: 0}[stage] + (4 * per if dtype < 4 else per * dtype)
     opt = per * (12 if dtype < 4 else 8)
     gathered = 2 * largest * dtype if stage == 3 else 0  # the layer's params + grads, gathered
     return ModelStates(n, params + gathered, grads, grads, opt, 0, largest)
