@@ -27,8 +27,8 @@ TINY = dict(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=100,
         dict(pipeline_model_parallel_size=2),
         dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1),
         dict(pipeline_model_parallel_size=4, untie_embeddings_and_output_weights=True),
-        dict(pipeline_model_parallel_size=2, activation="swiglu", position_embedding_type="rope",
-             normalization="RMSNorm", num_query_groups=2, add_bias_linear=False),
+        dict(pipeline_model_parallel_size=2, swiglu=True, position_embedding_type="rope",
+             normalization="RMSNorm", num_query_groups=2, disable_bias_linear=True),
     ],
 )  # fmt: skip
 def test_stage_params_equal_the_built_model(kw):

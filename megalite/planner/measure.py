@@ -188,8 +188,8 @@ class MeasureSpec:
             vocab_size=self.vocab_size,
             seq_length=self.seq_length,
             normalization="RMSNorm" if self.rmsnorm else "LayerNorm",
-            activation="swiglu" if self.swiglu else "gelu",
-            position_embedding_type="rope" if self.rope else "learned",
+            swiglu=self.swiglu,
+            position_embedding_type="rope" if self.rope else "learned_absolute",
             untie_embeddings_and_output_weights=self.untie,
             hidden_dropout=self.hidden_dropout,
             attention_dropout=self.attention_dropout,
@@ -218,7 +218,7 @@ def measure_layout(spec: MeasureSpec, seed: int = 1234) -> dict:
     from megalite.data_parallel.finalize import finalize_model_grads
     from megalite.data_parallel.optimizer import OptimizerConfig, build_optimizer
     from megalite.model.gpt import build_model, pipeline_tensor_shape
-    from megalite.pipeline_parallel.schedules import get_forward_backward_func
+    from megalite.pipeline_parallel import get_forward_backward_func
     from megalite.tensor_parallel.random import model_parallel_manual_seed
 
     device = (
@@ -273,7 +273,7 @@ def measure_layout(spec: MeasureSpec, seed: int = 1234) -> dict:
         optimizer = build_optimizer(
             OptimizerConfig(lr=1e-4, zero_stage=spec.zero_stage, bf16=spec.bf16), chunks
         )
-        fb = get_forward_backward_func()
+        fb = get_forward_backward_func(spec.pp, len(chunks))
         shape = pipeline_tensor_shape(config, b)
 
         def step() -> None:

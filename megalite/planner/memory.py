@@ -163,6 +163,7 @@ def activation_model(config: GPTConfig, layout: Layout, runtime: Runtime) -> Act
     h, t = c.hidden_size, layout.tp
     sp = t if c.sequence_parallel else 1
     n, g, f = c.num_attention_heads, c.num_query_groups, c.ffn_hidden_size
+    nd = n * c.head_dim  # query channels (= h unless --kv-channels says otherwise)
     V = c.padded_vocab_size
     cpu = runtime.device_kind == "cpu"
     mask = B if cpu else 1  # dropout keeps a mask of the input's dtype on CPU, bool on CUDA
@@ -172,17 +173,19 @@ def activation_model(config: GPTConfig, layout: Layout, runtime: Runtime) -> Act
         if mode == "full":
             return h * B / sp
         mha_rope = c.position_embedding_type == "rope" and g == n
-        qkv = 3 * h / t + (2 * h / t if mha_rope else 0)
+        # MHA: the fused QKV output stays (v is a view of it); GQA: q and the key/value heads
+        # repeated to n are kept instead, 3 n d either way. RoPE on MHA adds rotated q and k.
+        qkv = 3 * nd / t + (2 * nd / t if mha_rope else 0)
         math = cpu and c.attention_dropout > 0  # torch's CPU flash kernel has no dropout
         if mode == "selective":
             core = 0.0  # recomputed: only its q, k, v inputs stay
         elif math:
-            core = (2 * h / t + 3 * n * s / t) * B
+            core = (2 * nd / t + 3 * n * s / t) * B
         else:
             core = n / t * 4  # flash attention's log-sum-exp, fp32
         mlp = (4 if c.activation == "swiglu" else 2) * f / t
         drop = 2 * h / sp * mask if c.hidden_dropout > 0 else 0
-        return (h / sp + h + qkv + h / t + h / sp + h + mlp) * B + core + drop + 2 * norm
+        return (h / sp + h + qkv + nd / t + h / sp + h + mlp) * B + core + drop + 2 * norm
 
     layer = saved(c.recompute_granularity)
     # Token ids: a view of the batch at TP=1 (the embedding keeps it), local ids + mask at TP>1.

@@ -185,7 +185,7 @@ def format_plan(plan: Plan, device: Device) -> str:
             f"{r.role:14} {r.num_params:>14,} {_gib(r.param_bytes):>9} {_gib(r.grad_bytes):>9} "
             f"{_gib(r.optimizer_bytes):>9} {_gib(r.activation_bytes):>9} "
             f"{_gib(r.other_bytes):>9} {_gib(r.peak_bytes):>9}  {r.detail.get('peak_at', '')}"
-            f" ({r.detail.get('microbatches_in_flight', 0)} micro-batches in flight)"
+            f" ({r.detail.get('microbatches_in_flight', 0)} in flight)"
         )
     if len(plan.ranks) > len(shown):
         lines.append(f"  ({len(plan.ranks) - len(shown)} middle stages not shown; --json has all)")
