@@ -28,9 +28,16 @@ class Param(NamedTuple):
 
 
 def _shape_key(config: GPTConfig) -> GPTConfig:
-    """The config with PP/VP reset (pieces do not depend on them) so the cache is shared."""
+    """The config with what parameter counts do not depend on reset (PP, chunks, recompute,
+    dtype, dropout), so that a search builds each TP / SP split once."""
     return dataclasses.replace(
-        config, pipeline_model_parallel_size=1, num_layers_per_virtual_pipeline_stage=None
+        config,
+        pipeline_model_parallel_size=1,
+        num_layers_per_virtual_pipeline_stage=None,
+        recompute_granularity="none",
+        params_dtype=torch.float32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
     )
 
 
