@@ -237,3 +237,17 @@ def test_cli_bad_device(capsys):
 
     assert main(LLAMA_8B + ["--device", "tpu9"]) == 2
     assert "--device 'tpu9'" in capsys.readouterr().err
+
+
+def test_pretrain_dry_run_prints_the_plan_as_yaml_comments(capsys, monkeypatch):
+    import yaml
+
+    from megalite.pretrain import pretrain
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    argv = LLAMA_8B + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--lr", "1e-4",
+                       "--train-iters", "10", "--mock-data", "--dry-run"]  # fmt: skip
+    assert pretrain(argv) == 0
+    out = capsys.readouterr().out
+    assert "# layout TP2xPP1xDP4" in out and "# only stage" in out
+    yaml.safe_load(out)  # still a config file --config reads back
