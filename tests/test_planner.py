@@ -251,3 +251,17 @@ def test_pretrain_dry_run_prints_the_plan_as_yaml_comments(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "# layout TP2xPP1xDP4" in out and "# only stage" in out
     yaml.safe_load(out)  # still a config file --config reads back
+
+
+def test_layer_activations_match_korthikanti_without_the_score_term():
+    """Korthikanti et al. 2022: a GPT layer keeps s b h (34 + 5 a s / h) bytes in 16-bit with
+    dropout; flash attention keeps no s x s scores, leaving 34 s b h (+ its fp32 log-sum-exp
+    and the norms' fp32 statistics, which the paper leaves out)."""
+    from megalite.planner.memory import activation_model
+
+    c = GPTConfig(num_layers=4, hidden_size=1024, num_attention_heads=16, vocab_size=1000,
+                  seq_length=512, hidden_dropout=0.1, attention_dropout=0.1)  # fmt: skip
+    layout, rt = Layout(micro_batch_size=2), Runtime(torch.bfloat16, "cuda")
+    act = activation_model(apply_layout(c, layout, rt), layout, rt)
+    s, b, h, n = 512, 2, 1024, 16
+    assert act.layer == 34 * s * b * h + 4 * n * s * b + 2 * 8 * s * b
