@@ -142,9 +142,24 @@ def test_quickstart_config_file_gives_the_flag_runs_losses(tmp_path):
             "--train-iters", "3", "--log-interval", "1", "--eval-iters", "0"]  # fmt: skip
     by_file, by_flags = tmp_path / "file.jsonl", tmp_path / "flags.jsonl"
     config = str(ROOT / "examples" / "configs" / "quickstart.yaml")
-    argv = ["--config", config, *rest, "--metrics-file", str(by_file)]
+    argv = [
+        "--config",
+        config,
+        *rest,
+        "--metrics-file",
+        str(by_file),
+        "--save",
+        str(tmp_path / "a"),
+    ]
     assert run_distributed(8, _pretrain, argv) == [0] * 8
-    argv = [*QUICKSTART_FLAGS, *rest, "--metrics-file", str(by_flags)]
+    argv = [
+        *QUICKSTART_FLAGS,
+        *rest,
+        "--metrics-file",
+        str(by_flags),
+        "--save",
+        str(tmp_path / "b"),
+    ]
     assert run_distributed(8, _pretrain, argv) == [0] * 8
     assert len(_curve(by_file)) == 3 and _curve(by_file) == _curve(by_flags)
 
