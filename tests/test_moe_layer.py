@@ -101,6 +101,7 @@ def test_expert_bias_update_follows_the_load():
 def test_config_checks_and_layer_pattern():
     assert MoEConfig(num_experts=4, moe_layer_freq="([0]*1+[1]*3)").is_moe_layer(0, 4) is False
     assert MoEConfig(num_experts=4, moe_layer_freq=2).is_moe_layer(2, 4)
+    assert MoEConfig(num_experts=4, moe_layer_freq=[0, 1]).is_moe_layer(1, 2)
     assert not MoEConfig().is_moe_layer(0, 4)
     with pytest.raises(
         ConfigError, match=r"--moe-router-topk \(5\) must be in \[1, --num-experts \(4\)\]"

@@ -106,6 +106,8 @@ class MoEConfig:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.moe_layer_freq, (list, tuple)):  # a YAML/JSON list in a config file
+            self.moe_layer_freq = str([int(v) for v in self.moe_layer_freq])
         if isinstance(self.moe_layer_freq, str):
             text = self.moe_layer_freq.strip()
             self.moe_layer_freq = int(text) if text.isdigit() else text
