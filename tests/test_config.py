@@ -50,8 +50,8 @@ def test_field_names_are_unique_and_every_section_is_a_dataclass():
     fields = section_of_field()  # raises on a duplicate
     assert fields["tensor_model_parallel_size"] == "parallel"
     assert fields["num_layers"] == "model" and fields["lr"] == "optimizer"
-    assert set(SECTIONS) == {"model", "parallel", "optimizer", "schedule", "training", "data",
-                             "checkpoint", "logging", "exit", "megatron"}  # fmt: skip
+    assert set(SECTIONS) == {"model", "moe", "parallel", "optimizer", "schedule", "training",
+                             "data", "checkpoint", "logging", "exit", "megatron"}  # fmt: skip
 
 
 def test_config_file_sits_under_the_command_line(tmp_path):
@@ -142,9 +142,24 @@ def test_quickstart_config_file_gives_the_flag_runs_losses(tmp_path):
             "--train-iters", "3", "--log-interval", "1", "--eval-iters", "0"]  # fmt: skip
     by_file, by_flags = tmp_path / "file.jsonl", tmp_path / "flags.jsonl"
     config = str(ROOT / "examples" / "configs" / "quickstart.yaml")
-    argv = ["--config", config, *rest, "--metrics-file", str(by_file)]
+    argv = [
+        "--config",
+        config,
+        *rest,
+        "--metrics-file",
+        str(by_file),
+        "--save",
+        str(tmp_path / "a"),
+    ]
     assert run_distributed(8, _pretrain, argv) == [0] * 8
-    argv = [*QUICKSTART_FLAGS, *rest, "--metrics-file", str(by_flags)]
+    argv = [
+        *QUICKSTART_FLAGS,
+        *rest,
+        "--metrics-file",
+        str(by_flags),
+        "--save",
+        str(tmp_path / "b"),
+    ]
     assert run_distributed(8, _pretrain, argv) == [0] * 8
     assert len(_curve(by_file)) == 3 and _curve(by_file) == _curve(by_flags)
 

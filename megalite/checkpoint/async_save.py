@@ -196,6 +196,7 @@ class AsyncCheckpointSaver:
         rng_state: dict,
         meta: dict,
         extra_files: Optional[dict[str, str]] = None,
+        expert_state: Optional[Callable[[], dict]] = None,
     ) -> None:
         """Snapshot this rank's state now and write it in the background (same arguments as
         `checkpointing.save_checkpoint`). A save still in flight is finished first."""
@@ -207,6 +208,8 @@ class AsyncCheckpointSaver:
             files.append(("model.pt", self.snapshot(model_state())))
         if optimizer_state is not None and (optimizer_sharded or dp == 0):
             files.append((f"optim_dp{dp:03d}.pt", self.snapshot(optimizer_state())))
+        if expert_state is not None:  # MoE: experts that differ across DP ranks
+            files.append((f"experts_dp{dp:03d}.pt", self.snapshot(expert_state())))
         files.append((f"rng_dp{dp:03d}.pt", self.snapshot(rng_state)))
         self.save_files(
             root, iteration, coords=coords, files=files, meta=meta, extra_files=extra_files
