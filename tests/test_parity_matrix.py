@@ -64,10 +64,12 @@ def _pretrain(argv: list[str], sum_over_dp: bool = False) -> int:
 
     launch = ddp.Bucket.launch
 
-    def summed(self, group, dp_size):
+    def summed(self, *args, **kwargs):
+        # undo the bucket's division by the DP size: a sum over DP instead of a mean
+        divisor = getattr(self, "divisor", None) or args[-1]
         self.materialize()
-        self.data.mul_(dp_size)
-        return launch(self, group, dp_size)
+        self.data.mul_(divisor)
+        return launch(self, *args, **kwargs)
 
     if sum_over_dp:
         ddp.Bucket.launch = summed
