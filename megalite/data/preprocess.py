@@ -147,7 +147,7 @@ def preprocess(
     skip_bad_lines: bool = False,
     fast: bool = True,
     progress: Optional[bool] = None,
-    log=sys.stderr,
+    log=None,
     fast_tokenizer: str = "auto",
     partitions: int = 1,
     keep_sequential_samples: bool = False,
@@ -166,6 +166,7 @@ def preprocess(
     input, after removing every temporary file. ``_fast_build``: tests' stand-in fast path.
     """
     start = time.perf_counter()
+    log = log or sys.stderr
     say = lambda line: print(line, file=log)  # noqa: E731
     json_keys = list(json_keys)
     paths = expand_inputs(inputs)

@@ -1,0 +1,110 @@
+"""The gigatoken fast path: used only behind its self-check, which falls back when it differs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megalite.data.chunking import ragged
+from megalite.data.fastpath import PROBES, choose_fast_encoder
+from megalite.data.preprocess import preprocess
+from megalite.data.tokenizers import build_tokenizer
+from tests.test_data_common import (
+    EDGE_CASES,
+    stdlib_text,
+    train_byte_level_bpe,
+    train_sentencepiece,
+    write_jsonl,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fast")
+    bpe = train_byte_level_bpe(str(d / "bpe"))
+    docs = stdlib_text(80_000)
+    return {
+        "hf": {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": bpe["tokenizer_json"]},
+        "gpt2": {
+            "tokenizer_type": "GPT2BPETokenizer",
+            "vocab_file": bpe["vocab"],
+            "merge_file": bpe["merges"],
+        },
+        "sp": {
+            "tokenizer_type": "GPTSentencePieceTokenizer",
+            "tokenizer_model": train_sentencepiece(str(d / "sp.model")),
+        },
+        "docs": docs,
+        "jsonl": write_jsonl(str(d / "c.jsonl"), docs + EDGE_CASES),
+    }
+
+
+def exact_build(tokenizer):
+    """A stand-in fast path that is exact: the tokenizer's own body encode."""
+    return lambda texts: ragged(tokenizer.tokenize_body_batch(texts))
+
+
+def wrong_on_ideographic_space(tokenizer):
+    """Deliberately wrong on one probe only (U+3000), right on the corpus sample."""
+
+    def encode(texts):
+        tokens, lengths = ragged(tokenizer.tokenize_body_batch(texts))
+        hit = np.repeat(["\u3000" in t for t in texts], lengths)
+        return np.where(hit, 0, tokens), lengths
+
+    return encode
+
+
+def wrong_everywhere(tokenizer):
+    def encode(texts):
+        tokens, lengths = ragged(tokenizer.tokenize_body_batch(texts))
+        return (tokens + 1) % tokenizer.vocab_size, lengths
+
+    return encode
+
+
+def _bytes(prefix):
+    return [open(f"{prefix}_text_document{e}", "rb").read() for e in (".bin", ".idx")]
+
+
+@pytest.mark.parametrize("build", [wrong_on_ideographic_space, wrong_everywhere])
+def test_mismatching_fast_path_falls_back_and_says_so(setup, tmp_path, capsys, build):
+    tok = build_tokenizer(**setup["hf"])
+    lines = []
+    assert choose_fast_encoder(tok, setup["docs"], lines.append, build=build) is None
+    assert "NOT exact" in lines[0] and "falling back to megalite's exact encoder" in lines[0]
+    common = dict(tokenizer_args=setup["hf"], append_eod=True, workers=2)
+    preprocess([setup["jsonl"]], str(tmp_path / "bad"), _fast_build=build, **common)
+    assert "NOT exact" in capsys.readouterr().err
+    preprocess([setup["jsonl"]], str(tmp_path / "ref"), fast_tokenizer="exact", **common)
+    assert _bytes(tmp_path / "bad") == _bytes(tmp_path / "ref")
+
+
+def test_exact_stand_in_runs_in_the_workers(setup, tmp_path, capsys):
+    """A fast path that passes is what the workers use: same bytes as the exact run."""
+    common = dict(tokenizer_args=setup["sp"], append_eod=True, workers=2)
+    preprocess([setup["jsonl"]], str(tmp_path / "fast"), _fast_build=exact_build, **common)
+    assert "fast path: gigatoken, exact on the" in capsys.readouterr().err
+    preprocess([setup["jsonl"]], str(tmp_path / "ref"), fast_tokenizer="exact", **common)
+    assert _bytes(tmp_path / "fast") == _bytes(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("kind", ["hf", "gpt2", "sp"])
+def test_gigatoken_is_used_only_where_exact(setup, tmp_path, capsys, kind):
+    pytest.importorskip("gigatoken")
+    tok = build_tokenizer(**setup[kind])
+    lines = []
+    encoder = choose_fast_encoder(tok, setup["docs"], lines.append)
+    if kind == "sp":
+        # gigatoken's SentencePiece reads "</s>" / "<s>" in text as control tokens: not exact
+        assert encoder is None and "NOT exact" in lines[0] and "special look-alikes" in lines[0]
+    else:
+        assert encoder is not None, lines
+        tokens, lengths = encoder(setup["docs"] + PROBES)
+        assert ragged(tok.tokenize_body_batch(setup["docs"] + PROBES))[0].tolist() == (
+            tokens.tolist()
+        )
+    common = dict(tokenizer_args=setup[kind], append_eod=True, workers=2)
+    preprocess([setup["jsonl"]], str(tmp_path / "auto"), **common)
+    preprocess([setup["jsonl"]], str(tmp_path / "ref"), fast_tokenizer="exact", **common)
+    assert _bytes(tmp_path / "auto") == _bytes(tmp_path / "ref")
