@@ -344,7 +344,11 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = get_args(argv)
+    return run(get_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Preprocess with parsed flags (``get_args``); 0 on success, 1 after an error message."""
     tokenizer_args = dict(
         tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model,
