@@ -47,7 +47,8 @@ PROBES = [
     "",
     "   ",
 ]
-SAMPLE_DOCS = 2000
+SAMPLE_DOCS = 2000  # the self-check's sample: the input's first documents, up to
+SAMPLE_BYTES = 1 << 18  # this many characters (the reference tokenizer is the slow side)
 
 
 def _gigatoken_for(tokenizer: Tokenizer):
@@ -58,7 +59,7 @@ def _gigatoken_for(tokenizer: Tokenizer):
         return None, "gigatoken is not installed"
     try:
         if isinstance(tokenizer, HuggingFaceTokenizer):
-            return gigatoken.Tokenizer(tokenizer.tok), ""
+            return gigatoken.Tokenizer.from_json(tokenizer.tok.to_str()), ""
         if isinstance(tokenizer, GPTSentencePieceTokenizer):
             return gigatoken.Tokenizer.from_sentencepiece(tokenizer.model_file), ""
     except Exception as e:  # gigatoken refuses configurations it does not support
@@ -112,14 +113,16 @@ def choose_fast_encoder(
         encoder = gigatoken_encoder(gt)
     else:
         encoder = build(tokenizer)
+    sizes = np.cumsum([len(t) for t in sample[:SAMPLE_DOCS]])
+    sample = list(sample[: max(1, int(np.searchsorted(sizes, SAMPLE_BYTES)))])
     try:
-        diff = first_difference(tokenizer, encoder, list(sample[:SAMPLE_DOCS]) + PROBES)
+        diff = first_difference(tokenizer, encoder, sample + PROBES)
     except Exception as e:  # a fast path that crashes is as unusable as a wrong one
         diff = f"it failed ({type(e).__name__}: {e})"
     if diff is not None:
         log(f"fast path: gigatoken is NOT exact for this tokenizer: {diff}; "
             "falling back to megalite's exact encoder")  # fmt: skip
         return None
-    log(f"fast path: gigatoken, exact on the {len(sample[:SAMPLE_DOCS])}-document sample "
+    log(f"fast path: gigatoken, exact on the {len(sample)}-document sample "
         f"and {len(PROBES)} probes")  # fmt: skip
     return encoder
