@@ -57,7 +57,7 @@ class Tokenizer:
         return [self.tokenize(t) for t in texts]
 
     def tokenize_body_batch(self, texts: list[str]) -> list[list[int]]:
-        """``tokenize_batch`` without ``prefix``."""
+        """``tokenize_batch`` without ``prefix`` and ``suffix``."""
         return self.tokenize_batch(texts)
 
     def detokenize(self, ids) -> str:
