@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from megalite.data.chunking import ragged
-from megalite.data.fastpath import PROBES, choose_fast_encoder
+from megalite.data.fastpath import PROBES, choose_fast_encoder, exact_only_pattern
 from megalite.data.preprocess import preprocess
 from megalite.data.tokenizers import build_tokenizer
 from tests.test_data_common import (
@@ -90,21 +90,30 @@ def test_exact_stand_in_runs_in_the_workers(setup, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["hf", "gpt2", "sp"])
-def test_gigatoken_is_used_only_where_exact(setup, tmp_path, capsys, kind):
+def test_gigatoken_is_used_only_where_exact(setup, tmp_path, kind):
     pytest.importorskip("gigatoken")
     tok = build_tokenizer(**setup[kind])
     lines = []
     encoder = choose_fast_encoder(tok, setup["docs"], lines.append)
+    assert encoder is not None, lines
     if kind == "sp":
-        # gigatoken's SentencePiece reads "</s>" / "<s>" in text as control tokens: not exact
-        assert encoder is None and "NOT exact" in lines[0] and "special look-alikes" in lines[0]
-    else:
-        assert encoder is not None, lines
-        tokens, lengths = encoder(setup["docs"] + PROBES)
-        assert ragged(tok.tokenize_body_batch(setup["docs"] + PROBES))[0].tolist() == (
-            tokens.tolist()
-        )
+        # gigatoken reads "</s>" in text as the control token: such documents are kept from it
+        text = ["a </s> b"]
+        assert encoder(text)[0].tolist() != tok.tokenize_body_batch(text)[0]
+        assert exact_only_pattern(tok).search(text[0])
+    docs = [d for d in setup["docs"] + PROBES if not (kind == "sp" and "<" in d)]
+    tokens, _ = encoder(docs)
+    assert tokens.tolist() == ragged(tok.tokenize_body_batch(docs))[0].tolist()
     common = dict(tokenizer_args=setup[kind], append_eod=True, workers=2)
-    preprocess([setup["jsonl"]], str(tmp_path / "auto"), **common)
+    preprocess([setup["jsonl"]], str(tmp_path / "auto"), **common)  # EDGE_CASES hold "</s>"
     preprocess([setup["jsonl"]], str(tmp_path / "ref"), fast_tokenizer="exact", **common)
     assert _bytes(tmp_path / "auto") == _bytes(tmp_path / "ref")
+
+
+def test_gigatoken_refusing_a_model_falls_back(tmp_path):
+    pytest.importorskip("gigatoken")
+    model = train_sentencepiece(str(tmp_path / "nbf.model"), byte_fallback=False)
+    tok = build_tokenizer("GPTSentencePieceTokenizer", model)
+    lines = []
+    assert choose_fast_encoder(tok, ["some text"], lines.append) is None
+    assert "gigatoken cannot load it" in lines[0] and "using megalite's exact encoder" in lines[0]

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from megalite.data.chunking import gather_segments, merge_groups, ragged
+from megalite.data.fastpath import exact_only_pattern
 from megalite.data.indexed_dataset import _Growable
 from megalite.data.tokenizers import Tokenizer
 
@@ -248,6 +249,7 @@ class BlockEncoder:
         self.append_eod = append_eod
         self.dtype = np.dtype(dtype)
         self.fast_encoder = fast_encoder
+        self.exact_only = exact_only_pattern(tokenizer) if fast_encoder is not None else None
         self.framed = bool(tokenizer.prefix or tokenizer.suffix)
         self.cache: Optional[ChunkCache] = None
         if fast and fast_encoder is None and tokenizer.exact_splitter() is not None:
@@ -256,7 +258,7 @@ class BlockEncoder:
     def _bodies(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Each document's tokens without prefix, suffix or eod, through the fast encoder;
         documents holding special-token text go through the tokenizer itself."""
-        pattern = self.tokenizer.special_pattern
+        pattern = self.exact_only
         special = [i for i, t in enumerate(texts) if pattern.search(t)] if pattern else []
         if not special:
             return self.fast_encoder(texts)

@@ -5,17 +5,18 @@ self-check: gigatoken and the reference tokenizer (``tokenize_body_batch``: the 
 library, or ``sentencepiece``) encode a sample of the input plus ``PROBES`` (text that
 separates exact tokenizers from near ones: special-token look-alikes, whitespace runs, exotic
 spaces, scripts, emoji, code). Any token that differs, and preprocessing keeps its own exact
-path and says why. Documents holding the text of a tokenizer's special tokens (SentencePiece-
-Tokenizer splits at them) never go through gigatoken.
+path and says why. Documents holding the text of a tokenizer's special tokens or control pieces
+(``exact_only_pattern``) never go through gigatoken.
 
 Which tokenizers are tried: HuggingFaceTokenizer and GPT2BPETokenizer (byte-level BPE), and the
-SentencePiece types (gigatoken's SentencePiece path; on the models tested so far it treats
-``<s>`` in text as a control token where sentencepiece does not, so the self-check sends them
-back to the exact path). TikTokenizer and NullTokenizer stay on their own encoders.
+SentencePiece types with byte fallback (gigatoken's SentencePiece path reads ``<s>`` in text
+as the control token where sentencepiece does not: such documents are kept from it).
+TikTokenizer and NullTokenizer stay on their own encoders.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional
 
 import numpy as np
@@ -51,6 +52,24 @@ SAMPLE_DOCS = 2000  # the self-check's sample: the input's first documents, up t
 SAMPLE_BYTES = 1 << 18  # this many characters (the reference tokenizer is the slow side)
 
 
+def exact_only_pattern(tokenizer: Tokenizer) -> Optional[re.Pattern]:
+    """Text that sends a document to the tokenizer itself, never to the fast path: the
+    tokenizer's special tokens (SentencePieceTokenizer splits at them) and, for SentencePiece
+    models, the text of their control and unknown pieces (``<s>``, ``</s>``, ``<unk>``), which
+    gigatoken reads as those pieces where ``sentencepiece`` encodes the characters. On a 93 MB
+    corpus with a 16k byte-fallback BPE, all 71 documents gigatoken got wrong held such text."""
+    texts = set(getattr(tokenizer, "special_tokens", {}) or {})
+    if isinstance(tokenizer, GPTSentencePieceTokenizer):
+        sp = tokenizer.sp
+        for i in range(sp.get_piece_size()):
+            if sp.is_control(i) or sp.is_unknown(i):
+                texts.add(sp.id_to_piece(i))
+    texts.discard("")
+    if not texts:
+        return None
+    return re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True))))
+
+
 def _gigatoken_for(tokenizer: Tokenizer):
     """A gigatoken tokenizer for ``tokenizer``, or (None, reason)."""
     try:
@@ -82,8 +101,9 @@ def gigatoken_encoder(gt_tokenizer) -> Encoder:
 
 
 def first_difference(tokenizer: Tokenizer, encoder: Encoder, texts: list[str]) -> Optional[str]:
-    """None when ``encoder`` gives ``tokenizer``'s body tokens on every text, else where not."""
-    pattern = tokenizer.special_pattern
+    """None when ``encoder`` gives ``tokenizer``'s body tokens on every text (but those that
+    ``exact_only_pattern`` keeps from it), else where not."""
+    pattern = exact_only_pattern(tokenizer)
     texts = [t for t in texts if not (pattern and pattern.search(t))]
     want = tokenizer.tokenize_body_batch(texts)
     flat, lengths = encoder(texts)

@@ -104,7 +104,10 @@ def _parquet_blocks(path: str, keys: list[str], rows: int) -> Iterator[tuple]:
     except ImportError as e:
         raise InputError(f"{path}: reading .parquet needs the pyarrow package") from e
     try:
-        pf = pq.ParquetFile(path)
+        # no pre-buffering and a bounded read buffer: memory stays that of one batch's column
+        # chunks (with the defaults it grew with the file: 151 -> 200 MB from a 20 to an 80 MB
+        # file; 151 MB both ways like this)
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError
         raise InputError(f"{path}: not a parquet file ({e})") from e
     names = pf.schema_arrow.names
@@ -118,7 +121,7 @@ def _parquet_blocks(path: str, keys: list[str], rows: int) -> Iterator[tuple]:
         if str(kind) not in ("string", "large_string", "string_view"):
             raise InputError(f"{path}: column {k!r} holds {kind}, not strings")
     first = 1
-    for batch in pf.iter_batches(batch_size=rows, columns=keys):
+    for batch in pf.iter_batches(batch_size=rows, columns=keys, use_threads=False):
         yield path, first, {k: batch.column(k).to_pylist() for k in keys}
         first += batch.num_rows
 
