@@ -1,6 +1,6 @@
 """megalite's preprocessing against gigatoken used directly, on real text from this machine.
 
-    python tools/bench_gigatoken.py                          # 93 MB corpus, byte-level BPE + SP
+    python tools/bench_gigatoken.py          # 93 MB corpus, byte-level BPE, SP-BPE byte fallback
     python tools/bench_gigatoken.py --target-mb 20 --tokenizers hf --repeat 3
 
 Three implementations, each a separate process tree timed from start to exit (imports
@@ -20,7 +20,9 @@ The table prints wall and processing seconds, the ratio of gigatoken's to megali
 throughput, peak RSS of the tree and an md5 of the .bin + .idx: equal digests mean
 byte-identical outputs ("identical" compares with ``exact``; for a difference the number of
 differing documents is printed).
-Tokenizers are trained on the first ~8 MB of the corpus (tools/bench_preprocess.py).
+Tokenizers are trained on the first ~8 MB of the corpus, 16k vocabulary: ``hf`` byte-level
+BPE and ``sp`` SentencePiece BPE as in tools/bench_preprocess.py, ``sp_bf`` SentencePiece BPE
+with byte fallback (gigatoken loads only those), run as GPTSentencePieceTokenizer.
 """
 
 from __future__ import annotations
@@ -66,6 +68,33 @@ def run_gigatoken(corpus: str, prefix: str, flags: list[str]) -> None:
         writer.add_documents(tokens, (lengths + 1)[keep])
     t2 = time.perf_counter()
     print(f"gigatoken: start-up {t1 - t0:.2f} s, processing {t2 - t1:.2f} s", file=sys.stderr)
+
+
+def train_byte_fallback_sp(corpus: str, workdir: str) -> list[str]:
+    """A 16k SentencePiece BPE with byte fallback (what gigatoken loads) on ~8 MB of the corpus,
+    as GPTSentencePieceTokenizer flags."""
+    path = os.path.join(workdir, "sp_bf.model")
+    if not os.path.exists(path):
+        import io
+
+        import sentencepiece as spm
+
+        texts, size = [], 0
+        with open(corpus, encoding="utf-8") as f:
+            for line in f:
+                texts.append(json.loads(line)["text"])
+                size += len(texts[-1])
+                if size > 8e6:
+                    break
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=buf, vocab_size=16000, model_type="bpe",
+            byte_fallback=True, input_sentence_size=0, max_sentence_length=1 << 20,
+            num_threads=2, minloglevel=2,
+        )  # fmt: skip
+        with open(path, "wb") as f:
+            f.write(buf.getvalue())
+    return ["--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", path]
 
 
 def processing_seconds(stderr: str) -> float:
@@ -114,7 +143,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--target-mb", type=float, default=93)
     p.add_argument("--workdir", default="/tmp/megalite_bench_gigatoken")
-    p.add_argument("--tokenizers", nargs="+", default=["hf", "sp"], choices=["hf", "sp"])
+    p.add_argument(
+        "--tokenizers", nargs="+", default=["hf", "sp_bf"], choices=["hf", "sp", "sp_bf"]
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1, help="interleaved runs; best wall kept")
     p.add_argument("--megatron-fast", help="path of Megatron-LM's tools/preprocess_data_fast.py")
@@ -127,7 +158,9 @@ def main(argv=None) -> None:
             + ["--target-mb", str(args.target_mb)],
             check=True,
         )
-    flags = train_tokenizers(corpus, args.workdir, args.tokenizers)
+    flags = train_tokenizers(corpus, args.workdir, [k for k in args.tokenizers if k != "sp_bf"])
+    if "sp_bf" in args.tokenizers:
+        flags["sp_bf"] = train_byte_fallback_sp(corpus, args.workdir)
     impls = ["exact", "megalite", "gigatoken"] + (["megatron-fast"] if args.megatron_fast else [])
     if not args.megatron_fast:
         print("Megatron-LM's tools/preprocess_data_fast.py: not installed here (pass "
