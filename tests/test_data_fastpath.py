@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -78,6 +80,30 @@ def test_mismatching_fast_path_falls_back_and_says_so(setup, tmp_path, capsys, b
     assert "NOT exact" in capsys.readouterr().err
     preprocess([setup["jsonl"]], str(tmp_path / "ref"), fast_tokenizer="exact", **common)
     assert _bytes(tmp_path / "bad") == _bytes(tmp_path / "ref")
+
+
+def wrong_after_the_sample(tokenizer):
+    """Right on the start-up sample and the probes, wrong on the corpus' later documents."""
+
+    def encode(texts):
+        tokens, lengths = ragged(tokenizer.tokenize_body_batch(texts))
+        late = np.repeat(["Error" in t for t in texts], lengths)
+        return np.where(late, 0, tokens), lengths
+
+    return encode
+
+
+def test_spot_check_stops_a_run_the_sample_missed(setup, tmp_path, monkeypatch):
+    import megalite.data.readers
+
+    monkeypatch.setattr(megalite.data.readers, "BLOCK_BYTES", 4096)
+    plain = "the first documents are plain prose " * 8
+    docs = [plain] * 3000 + ["class Error(Exception): pass"] * 400  # the sample: plain only
+    src = write_jsonl(str(tmp_path / "late.jsonl"), docs)
+    common = dict(tokenizer_args=setup["hf"], append_eod=True, workers=1)
+    with pytest.raises(ValueError, match="rerun with --fast-tokenizer exact"):
+        preprocess([src], str(tmp_path / "o"), _fast_build=wrong_after_the_sample, **common)
+    assert os.listdir(tmp_path) == ["late.jsonl"]  # nothing written
 
 
 def test_exact_stand_in_runs_in_the_workers(setup, tmp_path, capsys):

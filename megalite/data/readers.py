@@ -16,6 +16,7 @@ import glob
 import gzip
 import os
 from collections.abc import Iterator
+from typing import Optional
 
 BLOCK_BYTES = 1 << 20
 PARQUET_ROWS = 1024
@@ -129,10 +130,11 @@ def _parquet_blocks(path: str, keys: list[str], rows: int) -> Iterator[tuple]:
 def read_blocks(
     paths: list[str],
     json_keys: list[str],
-    block_bytes: int = BLOCK_BYTES,
-    parquet_rows: int = PARQUET_ROWS,
+    block_bytes: Optional[int] = None,
+    parquet_rows: Optional[int] = None,
 ) -> Iterator[tuple]:
     """Yield the blocks of every input in order (see the module docstring)."""
+    block_bytes, parquet_rows = block_bytes or BLOCK_BYTES, parquet_rows or PARQUET_ROWS
     for path in paths:
         if is_parquet(path):
             yield from _parquet_blocks(path, json_keys, parquet_rows)
