@@ -116,16 +116,11 @@ def test_exact_stand_in_runs_in_the_workers(setup, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["hf", "gpt2", "sp"])
-def test_gigatoken_is_used_only_where_exact(setup, tmp_path, monkeypatch, kind):
-    import megalite.data.fastpath
-
+def test_gigatoken_is_used_only_where_exact(setup, tmp_path, kind):
     pytest.importorskip("gigatoken")
     tok = build_tokenizer(**setup[kind])
     lines = []
-    if kind == "sp":  # the chunk memo covers this model: it stays on it
-        assert choose_fast_encoder(tok, setup["docs"], lines.append) is None
-        assert "SentencePiece chunk memo" in lines.pop()
-    encoder = choose_fast_encoder(tok, setup["docs"], lines.append, prefer_memo=False)
+    encoder = choose_fast_encoder(tok, setup["docs"], lines.append)
     assert encoder is not None, lines
     if kind == "sp":
         # gigatoken reads "</s>" in text as the control token: such documents are kept from it
@@ -135,10 +130,6 @@ def test_gigatoken_is_used_only_where_exact(setup, tmp_path, monkeypatch, kind):
     docs = [d for d in setup["docs"] + PROBES if not (kind == "sp" and "<" in d)]
     tokens, _ = encoder(docs)
     assert tokens.tolist() == ragged(tok.tokenize_body_batch(docs))[0].tolist()
-    if kind == "sp":  # gigatoken in the workers, documents with "</s>" kept from it
-        monkeypatch.setattr(
-            megalite.data.fastpath.choose_fast_encoder, "__defaults__", (None, False)
-        )
     common = dict(tokenizer_args=setup[kind], append_eod=True, workers=2)
     preprocess([setup["jsonl"]], str(tmp_path / "auto"), **common)  # EDGE_CASES hold "</s>"
     preprocess([setup["jsonl"]], str(tmp_path / "ref"), fast_tokenizer="exact", **common)
@@ -150,5 +141,5 @@ def test_gigatoken_refusing_a_model_falls_back(tmp_path):
     model = train_sentencepiece(str(tmp_path / "nbf.model"), byte_fallback=False)
     tok = build_tokenizer("GPTSentencePieceTokenizer", model)
     lines = []
-    assert choose_fast_encoder(tok, ["some text"], lines.append, prefer_memo=False) is None
+    assert choose_fast_encoder(tok, ["some text"], lines.append) is None
     assert "gigatoken cannot load it" in lines[0] and "using megalite's exact encoder" in lines[0]

@@ -120,29 +120,15 @@ def first_difference(tokenizer: Tokenizer, encoder: Encoder, texts: list[str]) -
 
 
 def choose_fast_encoder(
-    tokenizer: Tokenizer,
-    sample: list[str],
-    log: Callable[[str], None],
-    build=None,
-    prefer_memo: bool = True,
+    tokenizer: Tokenizer, sample: list[str], log: Callable[[str], None], build=None
 ) -> Optional[Encoder]:
     """The gigatoken encoder when it passes the self-check on ``sample`` + ``PROBES``, else
     None (and a line through ``log`` saying why). ``build``: a stand-in for the gigatoken
     encoder factory (tests pass a deliberately wrong one to see the fallback).
 
-    ``prefer_memo``: SentencePiece models that megalite's chunk memo covers keep it. It is exact
-    by construction and, on the 93 MB corpus with a 16k byte-fallback BPE, took 1.2-1.3 CPU s
-    per 20 MB in one process where gigatoken's SentencePiece path took about 3 s (byte-level
-    BPE is the other way round: gigatoken is several times faster than the memo there)."""
-    if (
-        build is None
-        and prefer_memo
-        and isinstance(tokenizer, GPTSentencePieceTokenizer)
-        and tokenizer.exact_splitter() is not None
-    ):
-        log("fast path: megalite's SentencePiece chunk memo (exact by construction, and faster "
-            "than gigatoken's SentencePiece path)")  # fmt: skip
-        return None
+    Measured in one process on 20 MB of the benchmark corpus (CPU seconds, JSON parsing
+    included): a 16k byte-fallback SentencePiece BPE 0.67 through gigatoken against 1.2 through
+    megalite's chunk memo; byte-level BPE is further apart (see docs/data.md)."""
     if build is None:
         gt, reason = _gigatoken_for(tokenizer)
         if gt is None:
