@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from megalite.checkpoint import format as ckpt
 from megalite.checkpoint.reshard import ReshardError, load_full_model, reshard
 from megalite.data_parallel.optimizer import PARAMS_FORMAT
-from megalite.training import checkpointing as ckpt
 from tests.harness import run_distributed
 
 WORLD = 8
@@ -76,8 +76,8 @@ def test_resume_after_reshard_matches_uninterrupted_run(trained, tp, pp, zero):
     target = root / f"tp{tp}pp{pp}"
     reshard(root / "orig", target, tp, pp)
     meta = json.loads((target / "iter_0000005" / "meta.json").read_text())
-    assert meta["args"]["tensor_model_parallel_size"] == tp
-    assert meta["args"]["pipeline_model_parallel_size"] == pp
+    assert meta["model"]["tensor_model_parallel_size"] == tp
+    assert meta["model"]["pipeline_model_parallel_size"] == pp
     assert meta["consumed_train_samples"] == 40 and meta["iteration"] == 5
     # Weights are moved, never changed.
     _, before = load_full_model(root / "orig")
@@ -111,10 +111,10 @@ def test_resume_needs_the_optimizer_state(trained):
 @pytest.mark.parametrize(
     "tp,pp,virtual,message",
     [
-        (3, 1, None, "num_attention_heads (8) is not divisible by tensor-model-parallel size (3)"),
-        (8, 1, None, "num_query_groups (4) is not divisible by tensor-model-parallel size (8)"),
-        (1, 3, None, "num_layers (4) is not divisible by pipeline-model-parallel size (3)"),
-        (2, 2, 3, "not divisible by num_layers_per_virtual_pipeline_stage (3)"),
+        (3, 1, None, "--num-attention-heads 8 is not divisible by --tensor-model-parallel-size 3"),
+        (8, 1, None, "--num-query-groups 4 is not divisible by --tensor-model-parallel-size 8"),
+        (1, 3, None, "--num-layers 4 is not divisible by --pipeline-model-parallel-size 3"),
+        (2, 2, 3, "not divisible by --num-layers-per-virtual-pipeline-stage 3"),
     ],
 )
 def test_layout_that_cannot_hold_the_model_is_refused_before_writing(
@@ -191,7 +191,7 @@ def _load_per_parameter_state(zero_stage: int, bf16: bool) -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 5)).to(dtype)
     ddp = DistributedDataParallel(model, ps.get_data_parallel_group(), 50, False, zero_stage)
     config = OptimizerConfig(lr=1e-2, weight_decay=0.1, zero_stage=zero_stage, bf16=bf16)
-    opt = build_optimizer(config, [ddp])
+    opt = build_optimizer(config, [ddp], ps.get_model_parallel_groups())
     g = torch.Generator().manual_seed(1)  # the same on every rank
     params = {
         name: {
