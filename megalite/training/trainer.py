@@ -72,13 +72,10 @@ def tokenizer_vocab_size(cfg: RunConfig) -> int:
     d = cfg.data
     if d.mock_data:
         return d.vocab_size
-    from megalite.data.tokenizers import build_tokenizer
+    from megalite.data.config import tokenizer_from_settings
 
-    extra = {"tiktoken_pattern": d.tiktoken_pattern} if d.tiktoken_pattern else {}
     try:
-        tok = build_tokenizer(
-            d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file, d.vocab_size, **extra
-        )
+        tok = tokenizer_from_settings(to_dict(d))
     except (ValueError, OSError) as e:  # a file the flags name is missing or unreadable
         raise DataSetupError(str(e)) from None
     return tok.vocab_size
