@@ -1,0 +1,97 @@
+"""Context parallelism (CP): one sequence split over the ranks of a CP group.
+
+* `split`: the load-balanced split (2 x CP chunks, rank r holds chunks r and 2CP-1-r) of tokens,
+  labels, loss mask, position ids and activations, and its inverse;
+* `ring`: ring attention (``p2p``), K/V blocks round the CP ring, log-sum-exp merge;
+* `ulysses`: all-to-all attention (``a2a``), heads traded for sequence and back;
+* `comm`: the ring send/recv and the autograd all-to-all they use.
+
+`context_parallel_attention` is what a model's core attention calls when CP > 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megalite.config import ConfigError, option
+from megalite.context_parallel.comm import group_size
+from megalite.context_parallel.ring import ring_attention
+from megalite.context_parallel.split import (
+    check_seq_length,
+    chunk_ids,
+    gather,
+    position_ids,
+    split,
+    split_batch,
+    unsplit,
+)
+from megalite.context_parallel.ulysses import check_heads, ulysses_attention
+
+COMM_TYPES = ("p2p", "a2a")
+
+
+@dataclass
+class ContextParallelConfig:
+    """How each sequence is split over ranks (Megatron-LM's flags)."""
+
+    context_parallel_size: int = option(1, "ranks one sequence is split across (CP)")
+    cp_comm_type: str = option(
+        "p2p", "p2p: ring attention (any head count); a2a: all-to-all (Ulysses)",
+        choices=COMM_TYPES,
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        cp = self.context_parallel_size
+        if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
+            raise ConfigError(f"--context-parallel-size must be an integer >= 1, got {cp!r}")
+        if self.cp_comm_type not in COMM_TYPES:
+            raise ConfigError(
+                f"--cp-comm-type must be one of {', '.join(COMM_TYPES)}, got {self.cp_comm_type!r}"
+            )
+
+
+def context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group,
+    comm_type: str = "p2p",
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Causal attention of load-balanced local sequences over the CP `group`.
+
+    ``q [b, n, s/cp, d]``, ``k, v [b, g, s/cp, d]`` -> ``[b, n, s/cp, d]``: equal to full causal
+    attention on the whole sequence, then `split`.
+    """
+    if comm_type == "p2p":
+        if dropout_p > 0:
+            raise ValueError(
+                f"cp_comm_type 'p2p' has no attention dropout (got {dropout_p}): set "
+                f"--attention-dropout 0 or use cp_comm_type 'a2a'"
+            )
+        return ring_attention(q, k, v, group, scale)
+    if comm_type == "a2a":
+        return ulysses_attention(q, k, v, group, dropout_p, scale)
+    raise ValueError(f"cp_comm_type must be one of {COMM_TYPES}, got {comm_type!r}")
+
+
+__all__ = [
+    "COMM_TYPES",
+    "ContextParallelConfig",
+    "check_heads",
+    "check_seq_length",
+    "chunk_ids",
+    "context_parallel_attention",
+    "gather",
+    "group_size",
+    "position_ids",
+    "ring_attention",
+    "split",
+    "split_batch",
+    "ulysses_attention",
+    "unsplit",
+]

@@ -1,0 +1,175 @@
+"""Ring attention (``--cp-comm-type p2p``): exact causal attention over the load-balanced split.
+
+Each CP rank holds queries, keys and values of its two chunks (`split`). Key/value blocks travel
+round the CP ring: at step i rank r attends its queries to the block of rank ``(r - i) mod CP``
+while the next block is already in flight. Partial results are merged with the log-sum-exp
+(online softmax) rule, ``lse = logaddexp(lse_a, lse_b)``,
+``out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)``, which gives exactly softmax over
+all keys.
+
+Causal masking is decided per (query chunk, key chunk) pair from global chunk indices: a later
+chunk sees an earlier one fully, a chunk sees itself causally, an earlier chunk sees nothing.
+Under the load-balanced layout that leaves three shapes of work, all of the same size:
+
+* step 0 (own block): both query chunks against both key chunks, causal;
+* a block from a lower CP rank: both query chunks against its first key chunk only, unmasked;
+* a block from a higher CP rank: the second query chunk only against both key chunks, unmasked.
+
+Backward is the flash-attention backward, recomputing each block's probabilities from the saved
+log-sum-exp (nothing quadratic is kept between forward and backward). Key/value blocks travel
+the ring again, and each block's dK/dV accumulator travels with it: after CP steps plus one last
+send, every rank holds the full gradient of its own keys and values.
+
+Grouped-query attention: only the ``g`` key/value heads travel; queries are viewed as
+``[b, g, n/g, s, d]`` and broadcast against them, so keys are never repeated in memory.
+Computation is in fp32 whatever the input dtype (bf16 in, bf16 out).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megalite.context_parallel.comm import Ring
+from megalite.context_parallel.split import chunk_ids
+
+
+def block_plan(cp_size: int, rank: int, src: int) -> tuple[slice, slice, bool]:
+    """Which local query rows attend which key columns of `src`'s block, and whether masked.
+
+    Rows and columns are local halves (``slice(0, 2)`` both chunks, ``slice(1, 2)`` the second,
+    ``slice(0, 1)`` the first), derived from the global chunk indices; ``causal`` means the
+    selected rows and columns need the diagonal mask of the positions (only the own block).
+    """
+    q_chunks, k_chunks = chunk_ids(cp_size, rank), chunk_ids(cp_size, src)
+    rows = [i for i, qc in enumerate(q_chunks) if any(kc <= qc for kc in k_chunks)]
+    cols = [j for j, kc in enumerate(k_chunks) if any(kc <= qc for qc in q_chunks)]
+    causal = any(qc < kc for i, qc in enumerate(q_chunks) if i in rows
+                 for j, kc in enumerate(k_chunks) if j in cols)  # fmt: skip
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1), causal
+
+
+def _halves(t: torch.Tensor, sel: slice, dim: int) -> torch.Tensor:
+    c = t.shape[dim] // 2
+    return t.narrow(dim, sel.start * c, (sel.stop - sel.start) * c)
+
+
+def _scores(q, k, scale: float, causal: bool) -> torch.Tensor:
+    """``q [b, g, r, sq, d]``, ``k [b, g, sk, d]`` -> scaled scores ``[b, g, r, sq, sk]``."""
+    s = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scale
+    if causal:  # only the own block, whose rows and columns are the same local positions
+        sq, sk = s.shape[-2:]
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=s.device).triu(1)
+        s = s.masked_fill(mask, float("-inf"))
+    return s
+
+
+def _block_forward(q, k, v, scale, causal):
+    s = _scores(q, k, scale, causal)
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.unsqueeze(2))
+    return out, lse
+
+
+def _block_backward(q, k, v, dout, lse, delta, scale, causal):
+    """Gradients of one block given the final `lse` and ``delta = rowsum(dout * out)``."""
+    p = torch.exp(_scores(q, k, scale, causal) - lse.unsqueeze(-1))  # [b, g, r, sq, sk]
+    dv = torch.matmul(p.transpose(-1, -2), dout).sum(2)
+    dp = torch.matmul(dout, v.unsqueeze(2).transpose(-1, -2))
+    ds = p * (dp - delta.unsqueeze(-1)) * scale
+    dq = torch.matmul(ds, k.unsqueeze(2))
+    dk = torch.matmul(ds.transpose(-1, -2), q).sum(2)
+    return dq, dk, dv
+
+
+class RingAttention(torch.autograd.Function):
+    """Causal attention over the CP group: ``q [b, n, s/cp, d]``, ``k, v [b, g, s/cp, d]`` ->
+    ``[b, n, s/cp, d]``. Forward: K/V blocks round the ring, LSE merge. Backward: K/V round the
+    ring again with their dK/dV accumulators."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, scale: float):
+        ring = Ring(group)
+        b, n, s, d = q.shape
+        g = k.shape[1]
+        qf = q.float().reshape(b, g, n // g, s, d)
+        kv = torch.stack([k, v])  # what travels: only the g key/value heads
+        out = lse = None
+        for step in range(ring.size):
+            pending = ring.shift(kv) if step + 1 < ring.size else None
+            src = (ring.rank - step) % ring.size
+            rows, cols, causal = block_plan(ring.size, ring.rank, src)
+            kb, vb = (_halves(t.float(), cols, 2) for t in kv)
+            o, l = _block_forward(_halves(qf, rows, 3), kb, vb, scale, causal)
+            if out is None:  # step 0 covers every row (each token sees itself)
+                out, lse = o, l
+            else:
+                o_acc, l_acc = _halves(out, rows, 3), _halves(lse, rows, 3)
+                new = torch.logaddexp(l_acc, l)
+                merged = o_acc * torch.exp(l_acc - new).unsqueeze(-1)
+                merged += o * torch.exp(l - new).unsqueeze(-1)
+                o_acc.copy_(merged)
+                l_acc.copy_(new)
+            if pending is not None:
+                kv = pending.wait()
+        result = out.reshape(b, n, s, d).to(q.dtype)
+        ctx.save_for_backward(q, k, v, result, lse)
+        ctx.group, ctx.scale = group, scale
+        return result
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        ring, scale = Ring(ctx.group), ctx.scale
+        b, n, s, d = q.shape
+        g = k.shape[1]
+        qf = q.float().reshape(b, g, n // g, s, d)
+        do = dout.float().reshape(b, g, n // g, s, d)
+        delta = (do * out.float().reshape(b, g, n // g, s, d)).sum(-1)
+        dq = torch.zeros_like(qf)
+        kv = torch.stack([k, v])
+        travelling: Optional[object] = None  # the dK/dV accumulator in flight
+        for step in range(ring.size):
+            pending_kv = ring.shift(kv, tag=1) if step + 1 < ring.size else None
+            src = (ring.rank - step) % ring.size
+            rows, cols, causal = block_plan(ring.size, ring.rank, src)
+            kb, vb = (_halves(t.float(), cols, 2) for t in kv)
+            args = (_halves(t, rows, 3) for t in (qf, do, lse, delta))
+            q_r, do_r, lse_r, delta_r = args
+            dq_b, dk_b, dv_b = _block_backward(q_r, kb, vb, do_r, lse_r, delta_r, scale, causal)
+            _halves(dq, rows, 3).add_(dq_b)
+            if travelling is None:  # step 0: our own block starts its accumulator here
+                dkv = torch.zeros(2, b, g, s, d, dtype=torch.float32, device=q.device)
+            else:  # what the previous ranks added to this block
+                dkv = travelling.wait()
+            _halves(dkv[0], cols, 2).add_(dk_b)
+            _halves(dkv[1], cols, 2).add_(dv_b)
+            travelling = ring.shift(dkv, tag=2)  # on to the next rank, who holds this block next
+            if pending_kv is not None:
+                kv = pending_kv.wait()
+        dkv = travelling.wait()  # after CP steps, our own block's gradient comes home
+        dq = dq.reshape(b, n, s, d).to(q.dtype)
+        return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+
+
+def ring_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, scale: Optional[float] = None
+) -> torch.Tensor:
+    """Exact causal attention of the load-balanced local sequences over the CP `group`.
+
+    ``q [b, n, s/cp, d]``, ``k, v [b, g, s/cp, d]`` with ``g`` dividing ``n`` -> ``[b, n, s/cp,
+    d]``; `scale` defaults to ``1/sqrt(d)``.
+    """
+    n, g = q.shape[1], k.shape[1]
+    if n % g != 0:
+        raise ValueError(f"query heads ({n}) are not divisible by key/value heads ({g})")
+    if q.shape[2] % 2 != 0:
+        raise ValueError(f"local sequence ({q.shape[2]}) must be two equal chunks (even)")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if dist.get_world_size(group) == 1:
+        raise ValueError("ring attention needs a CP group of 2 ranks or more")
+    return RingAttention.apply(q, k, v, group, scale)
