@@ -15,17 +15,18 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from megalite import parallel_state as ps
-from megalite.context_parallel import context_parallel_attention, split
+from megalite.context_parallel import context_parallel_attention, ring, split
 from megalite.context_parallel.ring import ring_attention
 from tests.harness import run_distributed
 
 B, S, D = 2, 32, 8
+DEFAULT_TILE = ring.TILE_ELEMENTS
 
 
-def _full(n, g, dtype=torch.float32, seed=0):
+def _full(n, g, dtype=torch.float32, seed=0, seq=S):
     gen = torch.Generator().manual_seed(seed)
     q, k, v, dout = (
-        torch.randn(B, h, S, D, generator=gen).to(dtype) for h in (n, g, g, n)
+        torch.randn(B, h, seq, D, generator=gen).to(dtype) for h in (n, g, g, n)
     )  # fmt: skip
     return q, k, v, dout
 
@@ -40,11 +41,13 @@ def _reference(q, k, v, dout):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _check_parity(cp, configs):
+def _check_parity(cp, configs, seq=S, tile=None):
     ps.initialize_model_parallel(context_parallel_size=cp)
     group, rank = ps.get_context_parallel_group(), ps.get_context_parallel_rank()
+    if tile is not None:  # several query tiles per block (module default: one tile here)
+        ring.TILE_ELEMENTS = tile
     for comm, n, g in configs:
-        q, k, v, dout = _full(n, g, seed=n * 10 + g)
+        q, k, v, dout = _full(n, g, seed=n * 10 + g, seq=seq)
         ref = _reference(q, k, v, dout)
         local = [split(t, cp, rank, seq_dim=2).requires_grad_() for t in (q, k, v)]
         out = context_parallel_attention(*local, group, comm)
@@ -53,6 +56,7 @@ def _check_parity(cp, configs):
         for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
             where = f"{comm} n={n} g={g} {name}"
             assert_close(a, split(b, cp, rank, seq_dim=2), msg=lambda m, w=where: f"{w}: {m}")
+    ring.TILE_ELEMENTS = DEFAULT_TILE
     return True
 
 
@@ -68,6 +72,12 @@ def test_cp2_beside_dp2_and_cp4_equal_full_attention():
     # a2a at CP 4 needs 4 | key/value heads: GQA 8 query over 4 kv heads.
     assert all(run_distributed(4, _check_parity, 4, [c for c in ALL if c[2] % 4 == 0]))
     assert all(run_distributed(4, _check_parity, 4, [c for c in ALL if c[0] == "p2p"]))
+
+
+def test_ring_attention_in_query_tiles():
+    # seq 128 at CP 2: blocks of 64 query rows, cut into tiles of 16 rows (the minimum).
+    p2p = [c for c in ALL if c[0] == "p2p"]
+    assert all(run_distributed(2, _check_parity, 2, p2p, seq=128, tile=1))
 
 
 def _bf16(cp):

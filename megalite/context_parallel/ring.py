@@ -16,9 +16,11 @@ Under the load-balanced layout that leaves three shapes of work, all of the same
 * a block from a higher CP rank: the second query chunk only against both key chunks, unmasked.
 
 Backward is the flash-attention backward, recomputing each block's probabilities from the saved
-log-sum-exp (nothing quadratic is kept between forward and backward). Key/value blocks travel
-the ring again, and each block's dK/dV accumulator travels with it: after CP steps plus one last
-send, every rank holds the full gradient of its own keys and values.
+log-sum-exp (nothing quadratic is kept between forward and backward). Each block is computed a
+tile of query rows at a time (`TILE_ELEMENTS`), and a causal tile reads only the key columns it
+can see, so the own block costs half a full one and no score matrix of the whole block exists.
+Key/value blocks travel the ring again, and each block's dK/dV accumulator travels with it:
+after CP steps plus one last send, every rank holds the full gradient of its own keys and values.
 
 Grouped-query attention: only the ``g`` key/value heads travel; queries are viewed as
 ``[b, g, n/g, s, d]`` and broadcast against them, so keys are never repeated in memory.
@@ -57,31 +59,55 @@ def _halves(t: torch.Tensor, sel: slice, dim: int) -> torch.Tensor:
     return t.narrow(dim, sel.start * c, (sel.stop - sel.start) * c)
 
 
-def _scores(q, k, scale: float, causal: bool) -> torch.Tensor:
-    """``q [b, g, r, sq, d]``, ``k [b, g, sk, d]`` -> scaled scores ``[b, g, r, sq, sk]``."""
+# Scores are computed a tile of query rows at a time, at most this many elements per tile, so
+# the transient memory of a block stays small beside the activations (like a flash kernel's).
+TILE_ELEMENTS = 2**20
+
+
+def _tiles(q: torch.Tensor, sk: int, causal: bool):
+    """Row ranges ``(i0, i1)`` of `q` and the key columns each needs (causal: up to ``i1``)."""
+    b, g, r, sq = q.shape[:4]
+    rows = max(16, TILE_ELEMENTS // max(1, b * g * r * sk))
+    for i0 in range(0, sq, rows):
+        i1 = min(sq, i0 + rows)
+        yield i0, i1, (i1 if causal else sk)
+
+
+def _scores(q, k, scale: float, i0: int, causal: bool) -> torch.Tensor:
+    """Rows ``i0..`` of `q [b, g, r, rows, d]` against ``k [b, g, cols, d]`` -> scaled scores
+    ``[b, g, r, rows, cols]``; causal (the own block): column j > row i is masked."""
     s = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scale
-    if causal:  # only the own block, whose rows and columns are the same local positions
-        sq, sk = s.shape[-2:]
-        mask = torch.ones(sq, sk, dtype=torch.bool, device=s.device).triu(1)
-        s = s.masked_fill(mask, float("-inf"))
+    if causal:
+        rows, cols = s.shape[-2:]
+        row = torch.arange(i0, i0 + rows, device=s.device).unsqueeze(1)
+        s = s.masked_fill(torch.arange(cols, device=s.device) > row, float("-inf"))
     return s
 
 
 def _block_forward(q, k, v, scale, causal):
-    s = _scores(q, k, scale, causal)
-    lse = torch.logsumexp(s, dim=-1)
-    out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.unsqueeze(2))
+    """``q [b, g, r, sq, d]``, ``k, v [b, g, sk, d]`` -> out ``[b, g, r, sq, d]``, lse."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:-1], dtype=q.dtype, device=q.device)
+    for i0, i1, cols in _tiles(q, k.shape[2], causal):
+        s = _scores(q[..., i0:i1, :], k[:, :, :cols], scale, i0, causal)
+        lse[..., i0:i1] = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse[..., i0:i1].unsqueeze(-1))
+        out[..., i0:i1, :] = torch.matmul(p, v[:, :, :cols].unsqueeze(2))
     return out, lse
 
 
 def _block_backward(q, k, v, dout, lse, delta, scale, causal):
     """Gradients of one block given the final `lse` and ``delta = rowsum(dout * out)``."""
-    p = torch.exp(_scores(q, k, scale, causal) - lse.unsqueeze(-1))  # [b, g, r, sq, sk]
-    dv = torch.matmul(p.transpose(-1, -2), dout).sum(2)
-    dp = torch.matmul(dout, v.unsqueeze(2).transpose(-1, -2))
-    ds = p * (dp - delta.unsqueeze(-1)) * scale
-    dq = torch.matmul(ds, k.unsqueeze(2))
-    dk = torch.matmul(ds.transpose(-1, -2), q).sum(2)
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for i0, i1, cols in _tiles(q, k.shape[2], causal):
+        q_t, do_t = q[..., i0:i1, :], dout[..., i0:i1, :]
+        k_t, v_t = k[:, :, :cols], v[:, :, :cols]
+        p = torch.exp(_scores(q_t, k_t, scale, i0, causal) - lse[..., i0:i1].unsqueeze(-1))
+        dv[:, :, :cols] += torch.matmul(p.transpose(-1, -2), do_t).sum(2)
+        dp = torch.matmul(do_t, v_t.unsqueeze(2).transpose(-1, -2))
+        ds = p * (dp - delta[..., i0:i1].unsqueeze(-1)) * scale
+        dq[..., i0:i1, :] = torch.matmul(ds, k_t.unsqueeze(2))
+        dk[:, :, :cols] += torch.matmul(ds.transpose(-1, -2), q_t).sum(2)
     return dq, dk, dv
 
 
