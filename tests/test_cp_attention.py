@@ -20,7 +20,7 @@ from megalite.context_parallel.ring import ring_attention
 from tests.harness import run_distributed
 
 B, S, D = 2, 32, 8
-DEFAULT_TILE = ring.TILE_ELEMENTS
+DEFAULT_TILE = ring.TILE_ROWS
 
 
 def _full(n, g, dtype=torch.float32, seed=0, seq=S):
@@ -45,7 +45,7 @@ def _check_parity(cp, configs, seq=S, tile=None):
     ps.initialize_model_parallel(context_parallel_size=cp)
     group, rank = ps.get_context_parallel_group(), ps.get_context_parallel_rank()
     if tile is not None:  # several query tiles per block (module default: one tile here)
-        ring.TILE_ELEMENTS = tile
+        ring.TILE_ROWS = tile
     for comm, n, g in configs:
         q, k, v, dout = _full(n, g, seed=n * 10 + g, seq=seq)
         ref = _reference(q, k, v, dout)
@@ -56,7 +56,7 @@ def _check_parity(cp, configs, seq=S, tile=None):
         for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
             where = f"{comm} n={n} g={g} {name}"
             assert_close(a, split(b, cp, rank, seq_dim=2), msg=lambda m, w=where: f"{w}: {m}")
-    ring.TILE_ELEMENTS = DEFAULT_TILE
+    ring.TILE_ROWS = DEFAULT_TILE
     return True
 
 
@@ -75,9 +75,9 @@ def test_cp2_beside_dp2_and_cp4_equal_full_attention():
 
 
 def test_ring_attention_in_query_tiles():
-    # seq 128 at CP 2: blocks of 64 query rows, cut into tiles of 16 rows (the minimum).
+    # seq 128 at CP 2: blocks of 64 query rows, cut into tiles of 16 rows.
     p2p = [c for c in ALL if c[0] == "p2p"]
-    assert all(run_distributed(2, _check_parity, 2, p2p, seq=128, tile=1))
+    assert all(run_distributed(2, _check_parity, 2, p2p, seq=128, tile=16))
 
 
 def _bf16(cp):

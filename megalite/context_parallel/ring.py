@@ -17,7 +17,7 @@ Under the load-balanced layout that leaves three shapes of work, all of the same
 
 Backward is the flash-attention backward, recomputing each block's probabilities from the saved
 log-sum-exp (nothing quadratic is kept between forward and backward). Each block is computed a
-tile of query rows at a time (`TILE_ELEMENTS`), and a causal tile reads only the key columns it
+tile of query rows at a time (`TILE_ROWS`), and a causal tile reads only the key columns it
 can see, so the own block costs half a full one and no score matrix of the whole block exists.
 Key/value blocks travel the ring again, and each block's dK/dV accumulator travels with it:
 after CP steps plus one last send, every rank holds the full gradient of its own keys and values.
@@ -59,15 +59,16 @@ def _halves(t: torch.Tensor, sel: slice, dim: int) -> torch.Tensor:
     return t.narrow(dim, sel.start * c, (sel.stop - sel.start) * c)
 
 
-# Scores are computed a tile of query rows at a time, at most this many elements per tile, so
-# the transient memory of a block stays small beside the activations (like a flash kernel's).
-TILE_ELEMENTS = 2**20
+# Scores are computed a tile of query rows at a time, 2 x head_dim rows by default (a tile's
+# scores are then about 2 sk / sq times the tile's queries), so the transient memory of a block
+# stays small beside the activations, like a flash kernel's. Tests set it lower.
+TILE_ROWS: Optional[int] = None
 
 
 def _tiles(q: torch.Tensor, sk: int, causal: bool):
     """Row ranges ``(i0, i1)`` of `q` and the key columns each needs (causal: up to ``i1``)."""
-    b, g, r, sq = q.shape[:4]
-    rows = max(16, TILE_ELEMENTS // max(1, b * g * r * sk))
+    sq, d = q.shape[-2:]
+    rows = TILE_ROWS or max(16, 2 * d)
     for i0 in range(0, sq, rows):
         i1 = min(sq, i0 + rows)
         yield i0, i1, (i1 if causal else sk)
@@ -76,11 +77,11 @@ def _tiles(q: torch.Tensor, sk: int, causal: bool):
 def _scores(q, k, scale: float, i0: int, causal: bool) -> torch.Tensor:
     """Rows ``i0..`` of `q [b, g, r, rows, d]` against ``k [b, g, cols, d]`` -> scaled scores
     ``[b, g, r, rows, cols]``; causal (the own block): column j > row i is masked."""
-    s = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scale
+    s = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)).mul_(scale)
     if causal:
         rows, cols = s.shape[-2:]
         row = torch.arange(i0, i0 + rows, device=s.device).unsqueeze(1)
-        s = s.masked_fill(torch.arange(cols, device=s.device) > row, float("-inf"))
+        s.masked_fill_(torch.arange(cols, device=s.device) > row, float("-inf"))
     return s
 
 
@@ -91,7 +92,7 @@ def _block_forward(q, k, v, scale, causal):
     for i0, i1, cols in _tiles(q, k.shape[2], causal):
         s = _scores(q[..., i0:i1, :], k[:, :, :cols], scale, i0, causal)
         lse[..., i0:i1] = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse[..., i0:i1].unsqueeze(-1))
+        p = s.sub_(lse[..., i0:i1].unsqueeze(-1)).exp_()  # in place: one score-sized buffer
         out[..., i0:i1, :] = torch.matmul(p, v[:, :, :cols].unsqueeze(2))
     return out, lse
 
@@ -102,10 +103,11 @@ def _block_backward(q, k, v, dout, lse, delta, scale, causal):
     for i0, i1, cols in _tiles(q, k.shape[2], causal):
         q_t, do_t = q[..., i0:i1, :], dout[..., i0:i1, :]
         k_t, v_t = k[:, :, :cols], v[:, :, :cols]
-        p = torch.exp(_scores(q_t, k_t, scale, i0, causal) - lse[..., i0:i1].unsqueeze(-1))
+        p = _scores(q_t, k_t, scale, i0, causal).sub_(lse[..., i0:i1].unsqueeze(-1)).exp_()
         dv[:, :, :cols] += torch.matmul(p.transpose(-1, -2), do_t).sum(2)
         dp = torch.matmul(do_t, v_t.unsqueeze(2).transpose(-1, -2))
-        ds = p * (dp - delta[..., i0:i1].unsqueeze(-1)) * scale
+        ds = dp.sub_(delta[..., i0:i1].unsqueeze(-1)).mul_(p).mul_(scale)  # in dp's buffer
+        del p
         dq[..., i0:i1, :] = torch.matmul(ds, k_t.unsqueeze(2))
         dk[:, :, :cols] += torch.matmul(ds.transpose(-1, -2), q_t).sum(2)
     return dq, dk, dv
