@@ -198,15 +198,16 @@ def pretrain_argv(layout: Layout, spec: ModelSpec, workdir: Path) -> list[str]:
 def preflight(layouts: Sequence[Layout], spec: ModelSpec, workdir: Path) -> list[str]:
     """Every layout's flags through megalite-pretrain's own validation, before any rank starts:
     a layout that cannot run (heads or batch not divisible, ...) is named up front."""
-    from megalite.training.arguments import ArgumentError, parse_args, validate_args
+    from megalite.config import ConfigError
+    from megalite.training.arguments import resolved_config
 
     problems = []
     for lay in layouts:
         folder = workdir / lay.name
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            validate_args(parse_args(pretrain_argv(lay, spec, folder)), lay.world_size)
-        except (LayoutSyntaxError, ArgumentError) as e:
+            resolved_config(pretrain_argv(lay, spec, folder), lay.world_size)
+        except (LayoutSyntaxError, ConfigError) as e:
             problems.append(f"{lay.name}: {e}")
     return problems
 

@@ -234,3 +234,15 @@ def device() -> torch.device:
     if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def allreduce_coalesced(grads: list[torch.Tensor], group) -> None:
+    """One all-reduce (sum) over `group` for all `grads`, flattened together and copied back."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -24,11 +24,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megalite.errors import UserError
+
 # Axis order of the rank grid, slowest first (the view shape), and the public name of each axis.
 GRID_AXES = ("pp", "dp", "cp", "tp")
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A parallel layout that the world size or the sizes themselves cannot satisfy."""
 
 
@@ -130,6 +132,33 @@ class ParallelState:
 
 
 _STATE: Optional[ParallelState] = None
+
+
+@dataclass(frozen=True)
+class ModelParallelGroups:
+    """What gradient finalization and the optimizer need to know of the model split, handed to
+    them explicitly (`get_model_parallel_groups()`; the default is one unsplit model)."""
+
+    tp_group: object = None
+    tp_rank: int = 0
+    model_parallel_group: object = None  # TP x PP: the grad norm sums over it
+    model_parallel_size: int = 1
+    is_first_stage: bool = True
+    embedding_group: object = None  # first + last stage, on the ranks that belong to it
+
+
+def get_model_parallel_groups() -> ModelParallelGroups:
+    """This rank's `ModelParallelGroups` from the live layout."""
+    return ModelParallelGroups(
+        tp_group=get_tensor_model_parallel_group(),
+        tp_rank=get_tensor_model_parallel_rank(),
+        model_parallel_group=get_model_parallel_group(),
+        model_parallel_size=get_model_parallel_world_size(),
+        is_first_stage=is_pipeline_first_stage(ignore_virtual=True),
+        embedding_group=get_embedding_group()
+        if is_rank_in_embedding_group(ignore_virtual=True)
+        else None,
+    )
 
 
 def initialize_model_parallel(

@@ -1,58 +1,50 @@
 """`python -m megalite.pretrain` / `megalite-pretrain`: the training entry point.
 
 Works unchanged under torchrun, the deepspeed launcher, srun and mpiexec (see
-`megalite.distributed`). Every failure ends this rank with a message and a non-zero exit status:
-2 for bad flags, checkpoints or data (the same on every rank, so rank 0 alone prints it), 1 for
-anything else (each rank prints its own, prefixed with its rank).
+`megalite.distributed`). Every failure ends this rank with a message and a non-zero exit status,
+decided by the error's type (`megalite.errors`): 2 for bad flags, config files, layouts,
+checkpoints or data (`UserError`: the same on every rank, so rank 0 alone prints it), 1 for
+anything else (each rank prints its own, prefixed with its rank, with the traceback).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from collections.abc import Sequence
 from typing import Optional
 
 
-def _user_errors() -> tuple:
-    from megalite.data_parallel.deepspeed_bridge import DeepSpeedLayoutError
-    from megalite.parallel_state import LayoutError
-    from megalite.training.arguments import ArgumentError
-    from megalite.training.checkpointing import CheckpointError
-    from megalite.training.trainer import TrainingError
-
-    return (ArgumentError, CheckpointError, LayoutError, DeepSpeedLayoutError, TrainingError,
-            FileNotFoundError, ValueError)  # fmt: skip
-
-
 def pretrain(argv: Optional[Sequence[str]] = None) -> int:
     """Run training; returns the process exit status."""
-    from megalite.training.arguments import parse_args
+    from megalite.errors import UserError
+    from megalite.training.arguments import load_config
 
-    args = parse_args(argv)  # argparse exits 2 itself on an unknown flag, naming it
+    try:
+        cfg, front = load_config(argv)  # argparse exits 2 itself on an unknown flag, naming it
+    except UserError as e:
+        print(f"megalite-pretrain: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if front.get("dry_run"):
+        return dry_run(cfg)
     import torch.distributed as dist
 
     from megalite import parallel_state as ps
     from megalite.distributed import init_distributed
-    from megalite.training.arguments import validate_args
     from megalite.training.trainer import Trainer
 
     owns_process_group = not dist.is_initialized()  # tests may call us inside a live group
-    init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
+    p = cfg.parallel
+    init_distributed(p.distributed_backend, p.distributed_timeout_minutes)
     rank = dist.get_rank()
     status = 0
     try:
-        validate_args(args, dist.get_world_size())
-        Trainer(args).train()
-    except _user_errors() as e:
+        cfg.resolve(dist.get_world_size())
+        Trainer(cfg).train()
+    except UserError as e:
         status = 2
-        if isinstance(e, (ValueError, FileNotFoundError)) and not _ours(e):
-            status = 1
         print(f"megalite-pretrain: error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        if status == 1:
-            traceback.print_exc()
-    except BaseException as e:  # noqa: BLE001 - a peer died, a collective timed out, ...
+    except BaseException as e:  # noqa: BLE001 - a peer died, a collective timed out, a bug
         status = 1
         print(
             f"megalite-pretrain: rank {rank} failed: {type(e).__name__}: {e}",
@@ -68,12 +60,26 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
     return status
 
 
-def _ours(e: BaseException) -> bool:
-    """A ValueError raised by megalite's own checks (configs, data) rather than a bug."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and f"{os.sep}megalite{os.sep}" in tb.tb_frame.f_code.co_filename
+def dry_run(cfg) -> int:
+    """--dry-run: check the config at the launcher's world size, print it, touch nothing."""
+    import os
+
+    from megalite.errors import UserError
+    from megalite.training.arguments import dump_yaml
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg.resolve(world)
+    except UserError as e:
+        print(f"megalite-pretrain: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(dump_yaml(cfg))
+    print(
+        f"# world size {world}: TP {cfg.parallel.tensor_model_parallel_size} x PP "
+        f"{cfg.parallel.pipeline_model_parallel_size} x DP {cfg.data_parallel_size}, "
+        f"{cfg.train_iters} iterations"
+    )
+    return 0
 
 
 def main() -> None:
@@ -82,6 +88,8 @@ def main() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     if status:
+        import os
+
         os._exit(status)
     sys.exit(0)
 

@@ -36,8 +36,8 @@ def _pretrain(argv: list[str], full_disk: str | None = None) -> tuple[int, str]:
     `full_disk`: checkpoint files whose name contains it fail to write with ENOSPC on this rank,
     as a full disk would (only on the ranks that write such a file).
     """
+    from megalite.checkpoint import format as ckpt
     from megalite.pretrain import pretrain
-    from megalite.training import checkpointing as ckpt
 
     real_save = ckpt._save
 

@@ -162,11 +162,11 @@ def train_3d(tp, pp, zero, sp=False, steps=3, overlap=True, bucket_size=64, opt_
         model, ps.get_data_parallel_group(), bucket_size, overlap, zero_stage=zero
     )
     kw = dict(lr=LR, weight_decay=WD, clip_grad=CLIP, zero_stage=zero, **(opt_kwargs or {}))
-    opt = build_optimizer(OptimizerConfig(**kw), [ddp])
+    opt = build_optimizer(OptimizerConfig(**kw), [ddp], ps.get_model_parallel_groups())
     losses, norms = [], []
     for step in range(steps):
         loss = pipeline_step(ddp, micro_batches(step))
-        finalize_model_grads([ddp])
+        finalize_model_grads([ddp], groups=ps.get_model_parallel_groups())
         updated, norm, _ = opt.step()
         assert updated
         opt.zero_grad()

@@ -7,6 +7,7 @@ norms of the unsplit GPT trained by torch's AdamW on the whole global batch.
 """
 
 import dataclasses
+import functools
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,14 @@ BASE = dict(
     make_vocab_size_divisible_by=16, seq_length=16, ffn_hidden_size=64,
     hidden_dropout=0.0, attention_dropout=0.0,
 )  # fmt: skip
+
+
+def _pp_sizes() -> tuple[int, int]:
+    """(PP, model chunks per stage) of the live parallel state: the schedule to use."""
+    return (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+    )
 
 
 def batches(step: int, dp: int, vocab: int) -> torch.Tensor:
@@ -104,21 +113,28 @@ def train_gpt(cfg: GPTConfig, zero: int, overlap: bool = True, steps: int = STEP
         for c in build_model(cfg, SEED)
     ]
     opt = build_optimizer(
-        OptimizerConfig(lr=LR, weight_decay=WD, clip_grad=CLIP, zero_stage=zero), chunks
+        OptimizerConfig(lr=LR, weight_decay=WD, clip_grad=CLIP, zero_stage=zero),
+        chunks,
+        ps.get_model_parallel_groups(),
     )
     tp = cfg.tensor_model_parallel_size
     s = cfg.seq_length // tp if cfg.sequence_parallel else cfg.seq_length
     losses, norms = [], []
     for step in range(steps):
         micro = micro_batches(step, cfg)
-        out = get_forward_backward_func()(
+        out = get_forward_backward_func(
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+        )(
             _forward_step,
             [iter(micro) for _ in chunks] if vpp else iter(micro),
             chunks if vpp else chunks[0],
             M,
             tensor_shape=(s, MB, cfg.hidden_size),
             no_sync_func=[c.no_sync for c in chunks],
-            finalize_model_grads_func=finalize_model_grads,
+            finalize_model_grads_func=functools.partial(
+                finalize_model_grads, groups=ps.get_model_parallel_groups()
+            ),
             grad_scale_func=opt.scale_loss,
         )
         updated, norm, _ = opt.step()
@@ -162,7 +178,7 @@ def _cases(cases):
 
 CASES_4 = [
     dict(tp=1, pp=2, zero=2),  # 1F1B x DP=2, tied embedding across stages, ZeRO-2
-    dict(tp=2, pp=2, zero=1, sequence_parallel=True, activation="swiglu",
+    dict(tp=2, pp=2, zero=1, sequence_parallel=True, swiglu=True,
          normalization="RMSNorm", position_embedding_type="rope"),  # TP x PP, SP, stride-2 fc1
     dict(tp=1, pp=2, vpp=2, zero=1),  # interleaved x DP=2, overlapped reduction, ZeRO-1
     dict(tp=2, pp=1, zero=0, sequence_parallel=True, overlap=False),  # TP x DP, no pipelining

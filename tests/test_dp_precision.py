@@ -23,7 +23,7 @@ def _build(tp, zero, dtype, **opt_kwargs):
     model = TinyLM(ps.get_tensor_model_parallel_group(), dtype=dtype)
     ddp = DistributedDataParallel(model, ps.get_data_parallel_group(), 64, True, zero)
     config = OptimizerConfig(lr=1e-2, zero_stage=zero, **opt_kwargs)
-    return ddp, build_optimizer(config, [ddp])
+    return ddp, build_optimizer(config, [ddp], ps.get_model_parallel_groups())
 
 
 def _snapshot(ddp):
@@ -39,7 +39,7 @@ def _fp16_inf_skips():
         scaled = []
         for step in range(4):
             pipeline_step(ddp, micro_batches(step), opt.scale_loss)
-            finalize_model_grads([ddp])
+            finalize_model_grads([ddp], groups=ps.get_model_parallel_groups())
             if step == 1 and dist.get_rank() == 1:
                 opt.pieces[-1].grad()[0] = float("inf")
             before, scale = _snapshot(ddp), opt.get_loss_scale()
@@ -89,7 +89,7 @@ def _bf16_loss_decreases():
     losses = []
     for _ in range(15):
         losses.append(pipeline_step(ddp, micro_batches(0)))
-        finalize_model_grads([ddp])
+        finalize_model_grads([ddp], groups=ps.get_model_parallel_groups())
         assert opt.step()[0]
         opt.zero_grad()
     assert all(p.dtype == torch.bfloat16 for p in ddp.module.parameters())
@@ -105,7 +105,7 @@ def test_bf16_training_decreases_loss():
 def _train(ddp, opt, steps, start=0):
     for step in range(start, start + steps):
         pipeline_step(ddp, micro_batches(step))
-        finalize_model_grads([ddp])
+        finalize_model_grads([ddp], groups=ps.get_model_parallel_groups())
         opt.step()
         opt.zero_grad()
 

@@ -75,7 +75,7 @@ def train_dp(zero_stage, overlap, bucket_size, steps=STEPS, use_no_sync=True):
         zero_stage=zero_stage,
     )
     config = OptimizerConfig(lr=LR, weight_decay=WD, clip_grad=CLIP, zero_stage=zero_stage)
-    opt = build_optimizer(config, [ddp])
+    opt = build_optimizer(config, [ddp], ps.get_model_parallel_groups())
     norms = []
     per_rank = GLOBAL_BATCH // dp
     for step in range(steps):
@@ -88,7 +88,7 @@ def train_dp(zero_stage, overlap, bucket_size, steps=STEPS, use_no_sync=True):
             with ctx:
                 loss = nn.functional.mse_loss(ddp(xm), ym) / MICRO_BATCHES
                 loss.backward()
-        finalize_model_grads([ddp])
+        finalize_model_grads([ddp], groups=ps.get_model_parallel_groups())
         updated, norm, _ = opt.step()
         assert updated
         norms.append(norm)

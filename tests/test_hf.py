@@ -17,13 +17,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from megalite.checkpoint import format as ckpt  # noqa: E402
 from megalite.checkpoint.hf import HFConversionError  # noqa: E402
 from megalite.checkpoint.hf_io import export_hf, import_hf  # noqa: E402
-from megalite.checkpoint.layout import config_from_args  # noqa: E402
+from megalite.checkpoint.layout import config_from_meta  # noqa: E402
 from megalite.checkpoint.reshard import load_full_model  # noqa: E402
+from megalite.config.fields import to_dict  # noqa: E402
 from megalite.model import build_model  # noqa: E402
-from megalite.training import checkpointing as ckpt  # noqa: E402
-from megalite.training.arguments import parse_args, validate_args  # noqa: E402
+from megalite.training.arguments import resolved_config  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
 
 WORLD = 8
@@ -62,7 +63,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 def megalite_logits(load: Path, tokens: torch.Tensor) -> torch.Tensor:
     """Logits of the one-process megalite model holding the checkpoint's joined shards."""
     meta, full = load_full_model(load)
-    (model,) = build_model(config_from_args(meta["args"], 1, 1, None), 0, use_parallel_state=False)
+    (model,) = build_model(config_from_meta(meta, 1, 1, None), 0, use_parallel_state=False)
     model.load_state_dict(full, strict=True)
     with torch.no_grad():
         return model.eval()(tokens)
@@ -98,8 +99,8 @@ def test_import_of_export_gives_the_same_weights_at_any_layout(trained, tmp_path
     meta = json.loads((tmp_path / "back/iter_0000000/meta.json").read_text())
     assert meta["optimizer_format"] is None and meta["iteration"] == 0
     assert (
-        meta["args"]["tensor_model_parallel_size"],
-        meta["args"]["pipeline_model_parallel_size"],
+        meta["model"]["tensor_model_parallel_size"],
+        meta["model"]["pipeline_model_parallel_size"],
     ) == (tp, pp)
     _, before = load_full_model(trained[style])
     _, after = load_full_model(tmp_path / "back")
@@ -136,16 +137,18 @@ def test_imported_checkpoint_trains_with_finetune_only(trained, tmp_path):
 def save_model(root: Path, flags: str, tokenizer: list[str] = ()) -> Path:
     """A fresh one-process model saved as a megalite checkpoint (TP=1, PP=1)."""
     argv = COMMON + flags.split() + list(tokenizer)
-    args = validate_args(parse_args(argv), 1)
-    config = config_from_args({**vars(args), "padded_vocab_size": 64}, vocab_size=VOCAB)
-    args.padded_vocab_size = config.padded_vocab_size
+    run = resolved_config(argv, 1)
+    config = run.model_config(VOCAB)
     (model,) = build_model(config, 11, use_parallel_state=False)
     with torch.no_grad():  # biases and norms start at 0/1: make them matter
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
-    meta = {"args": {k: v for k, v in vars(args).items() if not callable(v)},
-            "consumed_train_samples": 0}  # fmt: skip
+    settings = {}
+    for section in run.sections().values():
+        settings.update(to_dict(section, cli_only=True))
+    meta = {"settings": settings, "model": to_dict(config), "optimizer_sharded": False,
+            "padded_vocab_size": config.padded_vocab_size, "consumed_train_samples": 0}  # fmt: skip
     ckpt.save_checkpoint(
         root, 1, coords={"tp": 0, "pp": 0, "dp": 0},
         model_state=lambda: {"chunk0": model.state_dict()}, optimizer_state=None,
@@ -173,7 +176,7 @@ def test_variants_export_exactly(tmp_path, flags):
 def test_model_neither_class_represents_is_refused(tmp_path):
     save_model(tmp_path / "ck", "--normalization LayerNorm --position-embedding-type rope")
     with pytest.raises(
-        HFConversionError, match="position_embedding_type='rope' \\(needs 'learned'"
+        HFConversionError, match="position_embedding_type='rope' \\(needs 'learned_absolute'"
     ):
         export_hf(tmp_path / "ck", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

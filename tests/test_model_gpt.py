@@ -27,7 +27,7 @@ TINY = dict(
     attention_dropout=0.0,
 )
 MODERN = dict(
-    activation="swiglu", position_embedding_type="rope", normalization="RMSNorm", num_query_groups=2
+    swiglu=True, position_embedding_type="rope", normalization="RMSNorm", num_query_groups=2
 )
 
 
@@ -44,22 +44,22 @@ def _batch(b=2, s=16, vocab=90):
 @pytest.mark.parametrize(
     "kw, message",
     [
-        (dict(hidden_size=30), r"hidden_size \(30\) is not divisible by num_attention_heads \(4\)"),
-        (dict(tensor_model_parallel_size=8), r"num_attention_heads \(4\) is not divisible by "
-         r"tensor-model-parallel size \(8\)"),  # fmt: skip
-        (dict(num_query_groups=2, tensor_model_parallel_size=4), r"num_query_groups \(2\) is not "
-         r"divisible by tensor-model-parallel size \(4\)"),  # fmt: skip
-        (dict(num_query_groups=3), r"num_attention_heads \(4\) is not divisible by num_query_gr"),
-        (dict(pipeline_model_parallel_size=3), r"num_layers \(4\) is not divisible by pipeline"),
+        (dict(hidden_size=30), r"--hidden-size 30 is not divisible by --num-attention-heads 4"),
+        (dict(tensor_model_parallel_size=8), r"--num-attention-heads 4 is not divisible by "
+         r"--tensor-model-parallel-size 8"),  # fmt: skip
+        (dict(num_query_groups=2, tensor_model_parallel_size=4), r"--num-query-groups 2 is not "
+         r"divisible by --tensor-model-parallel-size 4"),  # fmt: skip
+        (dict(num_query_groups=3), r"--num-attention-heads 4 is not divisible by --num-query-gr"),
+        (dict(pipeline_model_parallel_size=3), r"--num-layers 4 is not divisible by --pipeline"),
         (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=3),
-         r"layers per pipeline stage \(4 / 2 = 2\) are not divisible by num_layers_per_virtual"),
-        (dict(num_layers_per_virtual_pipeline_stage=1), r"needs pipeline-model-parallel size > 1"),
+         r"--pipeline-model-parallel-size 2 = 2\) are not divisible by --num-layers-per-virtual"),
+        (dict(num_layers_per_virtual_pipeline_stage=1), r"needs --pipeline-model-parallel-size"),
         (dict(sequence_parallel=True, tensor_model_parallel_size=4, seq_length=18),
-         r"seq_length \(18\) divisible by tensor-model-parallel size \(4\)"),
-        (dict(normalization="BatchNorm"), r"normalization must be one of"),
-        (dict(recompute_granularity="some"), r"recompute_granularity must be one of"),
-        (dict(num_layers=0), r"num_layers must be an integer >= 1, got 0"),
-        (dict(hidden_dropout=1.0), r"hidden_dropout must be in \[0, 1\)"),
+         r"--seq-length 18 divisible by --tensor-model-parallel-size 4"),
+        (dict(normalization="BatchNorm"), r"--normalization must be one of"),
+        (dict(recompute_granularity="some"), r"--recompute-granularity must be one of"),
+        (dict(num_layers=0), r"--num-layers must be an integer >= 1, got 0"),
+        (dict(hidden_dropout=1.0), r"--hidden-dropout must be in \[0, 1\)"),
     ],
 )  # fmt: skip
 def test_config_refuses_layouts_with_the_numbers(kw, message):

@@ -40,12 +40,20 @@ BASE = dict(
     attention_dropout=0.0,
 )
 MODERN = dict(
-    activation="swiglu",
+    swiglu=True,
     position_embedding_type="rope",
     normalization="RMSNorm",
     num_query_groups=2,
-    add_bias_linear=False,
+    disable_bias_linear=True,
 )
+
+
+def _pp_sizes() -> tuple[int, int]:
+    """(PP, model chunks per stage) of the live parallel state: the schedule to use."""
+    return (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+    )
 
 
 def _full(t: torch.Tensor, param, tp_group) -> torch.Tensor:
@@ -115,13 +123,19 @@ def _run_case(case: dict) -> tuple[list[str], int]:
             for c in chunks
         ]
         extra = dict(
-            no_sync_func=[c.no_sync for c in model], finalize_model_grads_func=finalize_model_grads
+            no_sync_func=[c.no_sync for c in model],
+            finalize_model_grads_func=functools.partial(
+                finalize_model_grads, groups=ps.get_model_parallel_groups()
+            ),
         )
     else:
         extra = dict(finalize_model_grads_func=functools.partial(_finalize, dp=dp))
     mine = batch[dp_rank * m * MB : (dp_rank + 1) * m * MB]
     micro = [(mine[i * MB : (i + 1) * MB, :-1], mine[i * MB : (i + 1) * MB, 1:]) for i in range(m)]
-    losses = get_forward_backward_func()(
+    losses = get_forward_backward_func(
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+    )(
         _forward_step,
         [iter(micro) for _ in model] if vpp else iter(micro),
         model if vpp else model[0],

@@ -28,6 +28,14 @@ from tests.harness import run_distributed
 H, S, B = 8, 4, 2  # hidden, sequence, micro-batch size: boundary tensors are [S, B, H]
 
 
+def _pp_sizes() -> tuple[int, int]:
+    """(PP, model chunks per stage) of the live parallel state: the schedule to use."""
+    return (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+    )
+
+
 class _Count(torch.autograd.Function):
     """Identity; counts a micro-batch in on forward and out on backward."""
 
@@ -143,7 +151,10 @@ def _run_pipelined(num_layers, pp, vpp, m):
     ps.initialize_model_parallel(1, pp, virtual_pipeline_model_parallel_size=vpp)
     rank, v = ps.get_pipeline_model_parallel_rank(), vpp or 1
     chunks = _stage_chunks(num_layers, pp, v, rank)
-    fb = get_forward_backward_func()
+    fb = get_forward_backward_func(
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+    )
     data = [iter(_batches(m)) for _ in chunks]
     finalized = []
     losses = fb(

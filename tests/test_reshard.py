@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from megalite.checkpoint import format as ckpt
 from megalite.checkpoint.reshard import ReshardError, load_full_model, reshard
 from megalite.data_parallel.optimizer import PARAMS_FORMAT
-from megalite.training import checkpointing as ckpt
 from tests.harness import run_distributed
 
 WORLD = 8
@@ -76,8 +76,8 @@ def test_resume_after_reshard_matches_uninterrupted_run(trained, tp, pp, zero):
     target = root / f"tp{tp}pp{pp}"
     reshard(root / "orig", target, tp, pp)
     meta = json.loads((target / "iter_0000005" / "meta.json").read_text())
-    assert meta["args"]["tensor_model_parallel_size"] == tp
-    assert meta["args"]["pipeline_model_parallel_size"] == pp
+    assert meta["model"]["tensor_model_parallel_size"] == tp
+    assert meta["model"]["pipeline_model_parallel_size"] == pp
     assert meta["consumed_train_samples"] == 40 and meta["iteration"] == 5
     # Weights are moved, never changed.
     _, before = load_full_model(root / "orig")
@@ -191,7 +191,7 @@ def _load_per_parameter_state(zero_stage: int, bf16: bool) -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 5)).to(dtype)
     ddp = DistributedDataParallel(model, ps.get_data_parallel_group(), 50, False, zero_stage)
     config = OptimizerConfig(lr=1e-2, weight_decay=0.1, zero_stage=zero_stage, bf16=bf16)
-    opt = build_optimizer(config, [ddp])
+    opt = build_optimizer(config, [ddp], ps.get_model_parallel_groups())
     g = torch.Generator().manual_seed(1)  # the same on every rank
     params = {
         name: {

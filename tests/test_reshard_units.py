@@ -10,21 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from megalite.checkpoint import format as ckpt
 from megalite.checkpoint import layout as L
 from megalite.checkpoint.reshard import load_full_model, reshard
 from megalite.checkpoint.streaming import filling, write_skeleton
 from megalite.model import GPTConfig, build_model
 from megalite.tensor_parallel.utils import shard_tensor
-from megalite.training import checkpointing as ckpt
 
 SHAPE = dict(num_layers=4, hidden_size=32, num_attention_heads=8, num_query_groups=4,
              ffn_hidden_size=64, seq_length=8, make_vocab_size_divisible_by=32)  # fmt: skip
 STYLES = {
-    "llama-tied": dict(normalization="RMSNorm", activation="swiglu",
+    "llama-tied": dict(normalization="RMSNorm", swiglu=True,
                        position_embedding_type="rope"),
     "gpt2-untied-bias": dict(untie_embeddings_and_output_weights=True),
-    "llama-untied-bias": dict(normalization="RMSNorm", activation="swiglu",
-                              position_embedding_type="rope", add_bias_linear=True,
+    "llama-untied-bias": dict(normalization="RMSNorm", swiglu=True,
+                              position_embedding_type="rope", disable_bias_linear=False,
                               untie_embeddings_and_output_weights=True),
 }  # fmt: skip
 RUN_ARGS = {  # what the trainer's flags would store for STYLES (meta.json args)
@@ -39,7 +39,7 @@ RUN_ARGS = {  # what the trainer's flags would store for STYLES (meta.json args)
 def one_process_model(style: str, vocab: int) -> torch.nn.Module:
     extra = dict(STYLES[style])
     if style == "llama-tied":
-        extra["add_bias_linear"] = False
+        extra["disable_bias_linear"] = True
     (model,) = build_model(GPTConfig(vocab_size=vocab, **SHAPE, **extra), 5,
                            use_parallel_state=False)  # fmt: skip
     return model
@@ -48,7 +48,7 @@ def one_process_model(style: str, vocab: int) -> torch.nn.Module:
 @pytest.mark.parametrize("style", list(STYLES))
 def test_split_rules_match_the_layers_attributes(style):
     model = one_process_model(style, 64)
-    swiglu = STYLES[style].get("activation") == "swiglu"
+    swiglu = STYLES[style].get("swiglu", False)
     for name, p in model.named_parameters():
         rule = L.split_rule(name, swiglu)
         if getattr(p, "tensor_model_parallel", False):
@@ -62,7 +62,7 @@ def write_sharded(root: Path, model, style: str, vocab: int, tp: int, pp: int) -
     args = dict(SHAPE, **RUN_ARGS[style], vocab_size=vocab, mock_data=True,
                 tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                 padded_vocab_size=L.vocab_size_with_padding(vocab, 32, tp))  # fmt: skip
-    config = L.config_from_args(args)
+    config = L.config_from_meta(ckpt.upgrade_v1_meta({"args": args}))  # a format-1 checkpoint
     folder = ckpt.iteration_dir(root, 3)
     params = dict(model.named_parameters())
     tied = not config.untie_embeddings_and_output_weights
@@ -118,7 +118,7 @@ def test_vocab_padding_changes_with_tp(tmp_path):
     write_sharded(tmp_path / "tp2", model, "gpt2-untied-bias", 50, 2, 1)
     reshard(tmp_path / "tp2", tmp_path / "tp4", 4, 2)
     meta, full = load_full_model(tmp_path / "tp4")
-    assert meta["args"]["padded_vocab_size"] == 128
+    assert meta["padded_vocab_size"] == 128
     for name in L.VOCAB_PARAMS:
         original = model.state_dict()[name]  # 64 rows: 50 real + 14 padding
         got = full[name]
@@ -188,16 +188,22 @@ def test_cli_reshards_and_refuses_with_exit_status_2(tmp_path, capsys):
     assert ckpt.read_tracker(tmp_path / "ok") == 3
     bad = base + ["--save", str(tmp_path / "bad"), "--target-tensor-parallel-size", "16"]
     assert cli.main(bad) == 2
-    assert "num_attention_heads (8) is not divisible by tensor-model-parallel size (16)" in (
+    assert "--num-attention-heads 8 is not divisible by --tensor-model-parallel-size 16" in (
         capsys.readouterr().err
     )
     assert not (tmp_path / "bad").exists()
 
 
 def test_true_vocab_size_follows_the_trainer():
-    """Mock data: V; NullTokenizer on real data: V + 1 (eod = V); a saved value wins."""
-    assert L.true_vocab_size({"mock_data": True, "vocab_size": 50}) == 50
-    assert L.true_vocab_size({"tokenizer_type": "NullTokenizer", "vocab_size": 50}) == 51
-    assert L.true_vocab_size({"true_vocab_size": 7, "vocab_size": 50}) == 7
-    missing = {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": "/nonexistent"}
-    assert L.true_vocab_size(missing) is None
+    """Format-1 checkpoints: mock data: V; NullTokenizer on real data: V + 1 (eod = V); a saved
+    value wins; a tokenizer whose files are gone leaves it unknown."""
+    base = dict(SHAPE, padded_vocab_size=128, tensor_model_parallel_size=1,
+                pipeline_model_parallel_size=1)  # fmt: skip
+
+    def vocab(**args):
+        return L.true_vocab_size(ckpt.upgrade_v1_meta({"args": dict(base, **args)}))
+
+    assert vocab(mock_data=True, vocab_size=50) == 50
+    assert vocab(tokenizer_type="NullTokenizer", vocab_size=50) == 51
+    assert vocab(true_vocab_size=7, vocab_size=50) == 7
+    assert vocab(tokenizer_type="SentencePieceTokenizer", tokenizer_model="/nonexistent") is None

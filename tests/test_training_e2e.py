@@ -77,7 +77,7 @@ def test_resume_is_bit_identical_tp2_pp2_dp2_zero1(tmp_path):
 
 KILLER = """
 import os, signal, sys
-from megalite.training import checkpointing as ckpt
+from megalite.checkpoint import format as ckpt
 real = ckpt._save
 def killing_save(obj, path):
     # die in the middle of writing iteration 10: some files written, nothing renamed yet
@@ -164,6 +164,17 @@ PINNED_FLAGS = """
 --loss-scale-window --hysteresis --ddp-bucket-size --overlap-grad-reduce --num-query-groups
 --group-query-attention --make-vocab-size-divisible-by --disable-bias-linear --init-method-std
 --adam-beta1 --adam-beta2 --adam-eps --mock-data --rotary-base --peak-tflops
+--config --dry-run --apply-layernorm-1p --kv-channels --rotary-percent --norm-epsilon
+--attention-backend --calculate-per-token-loss --cross-entropy-loss-fusion --decoupled-lr
+--decoupled-min-lr --grad-reduce-in-bf16 --overlap-param-gather --train-samples
+--lr-decay-samples --lr-warmup-samples --lr-warmup-fraction --rampup-batch-size --manual-gc
+--manual-gc-interval --empty-unused-memory-level --log-throughput --profile --profile-step-start
+--profile-step-end --profile-ranks --ckpt-format --no-mmap-bin-files --num-workers
+--no-create-attention-mask-in-dataloader --tiktoken-pattern --use-mcore-models
+--no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-swiglu-fusion --no-bias-dropout-fusion
+--no-rope-fusion --no-gradient-accumulation-fusion --use-flash-attn --transformer-impl
+--fp8-format --fp8-amax-history-len --fp8-amax-compute-algo --fp8-param-gather
+--context-parallel-size --log-num-zeros-in-grad
 """.split()
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from megalite.training import checkpointing as ckpt
-from megalite.training.arguments import ArgumentError, parse_args, validate_args
+from megalite.checkpoint import format as ckpt
+from megalite.training.arguments import ArgumentError, load_config, resolved_config
 from megalite.training.lr_schedule import LRSchedule
 
 BASE = (
@@ -21,17 +21,17 @@ BASE = (
 
 
 def _args(extra="", world=8):
-    return validate_args(parse_args(BASE + extra.split()), world)
+    return resolved_config(BASE + extra.split(), world)
 
 
 def test_defaults_and_derived_sizes():
     a = _args(
         "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --global-batch-size 16"
     )
-    assert (a.data_parallel_size, a.num_microbatches) == (2, 4)
-    assert a.ffn_hidden_size == 256 and a.max_position_embeddings == 32
-    assert a.zero_stage == 0 and a.lr_decay_iters == 10
-    assert _args("--use-distributed-optimizer").zero_stage == 1
+    assert (a.data_parallel_size, a.training.global_batch_size) == (2, 16)
+    assert a.model.ffn_hidden_size == 256 and a.model.max_position_embeddings == 32
+    assert a.optimizer.zero_stage == 0 and a.lr_schedules()[0].decay_iters == 10
+    assert _args("--use-distributed-optimizer").optimizer.zero_stage == 1
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_defaults_and_derived_sizes():
         (
             "--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 3",
             2,
-            "--num-layers 4 is not divisible by --num-layers-per-virtual-pipeline-stage 3",
+            "are not divisible by --num-layers-per-virtual-pipeline-stage 3",
         ),
         ("--bf16 --fp16", 1, "mutually exclusive"),
         (
@@ -91,7 +91,7 @@ def test_inconsistent_flags_are_named(extra, world, message):
 
 def test_unknown_flag_is_named(capsys):
     with pytest.raises(SystemExit) as e:
-        parse_args(BASE + ["--hiden-size", "3"])
+        load_config(BASE + ["--hiden-size", "3"])
     assert e.value.code == 2
     assert "unknown flag(s): --hiden-size 3" in capsys.readouterr().err
 
@@ -99,7 +99,7 @@ def test_unknown_flag_is_named(capsys):
 def test_no_data_is_refused():
     argv = [a for a in BASE if a != "--mock-data"]
     with pytest.raises(ArgumentError, match="give --data-path"):
-        validate_args(parse_args(argv), 1)
+        resolved_config(argv, 1)
 
 
 def test_lr_schedules():
@@ -136,7 +136,7 @@ def _save(root, iteration, value, **kw):
         optimizer_state=lambda: {"step": iteration},
         optimizer_sharded=False,
         rng_state=ckpt.get_rng_state(),
-        meta={"args": {"hidden_size": 64}, **kw},
+        meta={"settings": {"hidden_size": 64}, **kw},
     )
 
 
@@ -197,10 +197,10 @@ def test_pickled_object_is_refused_never_executed(tmp_path, capsys):
 
 
 def test_shape_mismatch_is_named_with_reshard_hint(tmp_path):
-    args = _args("--tensor-model-parallel-size 2", world=2)
-    meta = {"args": {"hidden_size": 32, "tensor_model_parallel_size": 1}}
+    model = _args("--tensor-model-parallel-size 2", world=2).model_config(vocab_size=128)
+    meta = {"model": {"hidden_size": 32, "tensor_model_parallel_size": 1}}
     with pytest.raises(ckpt.CheckpointError) as e:
-        ckpt.check_compatible(meta, args, tmp_path)
+        ckpt.check_compatible(meta, model, tmp_path)
     text = str(e.value)
     assert "--hidden-size: checkpoint 32, this run 64" in text
     assert "--tensor-model-parallel-size: checkpoint 1, this run 2" in text

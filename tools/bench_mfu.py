@@ -31,6 +31,13 @@ TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64,
             vocab_size=512, micro_batch_size=2, global_batch_size=4)  # fmt: skip
 
 
+def train_step(trainer, lr: float):
+    """One training step of `trainer` at learning rate `lr` on the batch at its position."""
+    n = trainer._num_microbatches(trainer.cfg.training.global_batch_size)
+    trainer.engine.set_lr(lr, lr)
+    return trainer.engine.train_step(trainer._micro(trainer.train_ds, trainer.consumed, n), n)
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -52,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> dict:
     """Run the benchmark, print the table; returns its numbers."""
     from megalite.distributed import init_distributed
-    from megalite.training.arguments import parse_args, validate_args
+    from megalite.training.arguments import resolved_config
     from megalite.training.metrics import device_peak_tflops
     from megalite.training.trainer import Trainer
 
@@ -66,14 +73,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
               "--hidden-dropout=0", "--attention-dropout=0", "--clip-grad=1.0"]  # fmt: skip
     flags += [] if a.fp32 else ["--bf16"]
     flags += [f"--recompute-granularity={a.recompute}"] if a.recompute else []
-    args = validate_args(parse_args(flags), 1)
+    args = resolved_config(flags, 1)
     trainer = Trainer(args)
-    params = sum(p.numel() for c in trainer.chunks for p in c.parameters())
+    params = sum(p.numel() for c in trainer.engine.chunks for p in c.parameters())
     times = []
     for i in range(warmup + steps):
         _sync()
         start = time.perf_counter()
-        loss, _, _ = trainer.train_step(1e-4)
+        loss, _, _ = train_step(trainer, 1e-4)
         _sync()
         times.append(time.perf_counter() - start)
         trainer.consumed += args.global_batch_size  # fresh mock samples every step

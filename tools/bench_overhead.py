@@ -78,9 +78,16 @@ class PlainGPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
+def train_step(trainer, lr: float):
+    """One training step of `trainer` at learning rate `lr` on the batch at its position."""
+    n = trainer._num_microbatches(trainer.cfg.training.global_batch_size)
+    trainer.engine.set_lr(lr, lr)
+    return trainer.engine.train_step(trainer._micro(trainer.train_ds, trainer.consumed, n), n)
+
+
 def megalite_trainer(a: argparse.Namespace):
     from megalite.distributed import init_distributed
-    from megalite.training.arguments import parse_args, validate_args
+    from megalite.training.arguments import resolved_config
     from megalite.training.trainer import Trainer
 
     init_distributed(backend="gloo")
@@ -91,7 +98,7 @@ def megalite_trainer(a: argparse.Namespace):
         f"--vocab-size={a.vocab_size}", "--mock-data", "--train-iters=1000000", "--lr=1e-4",
         "--hidden-dropout=0", "--attention-dropout=0", "--eval-iters=0", "--clip-grad=1.0",
     ]  # fmt: skip
-    return Trainer(validate_args(parse_args(argv), 1))
+    return Trainer(resolved_config(argv, 1))
 
 
 def plain_setup(trainer, a: argparse.Namespace):
@@ -103,10 +110,10 @@ def plain_setup(trainer, a: argparse.Namespace):
     assert cfg.padded_vocab_size == cfg.vocab_size, "use a vocabulary divisible by 128"
     model = PlainGPT(cfg.vocab_size, cfg.seq_length, cfg.hidden_size, cfg.num_attention_heads,
                      cfg.ffn_hidden_size, cfg.num_layers)  # fmt: skip
-    source = trainer.chunks[0].module.state_dict()
+    source = trainer.engine.chunks[0].module.state_dict()
     missing = model.load_state_dict(source, strict=False)
     assert not missing.missing_keys, missing.missing_keys
-    args = trainer.args
+    args = trainer.cfg.optimizer
     groups = get_param_groups([model], args.weight_decay)
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                             eps=args.adam_eps)  # fmt: skip
@@ -151,7 +158,7 @@ def main(argv=None) -> float:
     plain_step = plain_setup(trainer, a)
 
     def megalite_step() -> float:
-        loss, _, _ = trainer.train_step(1e-4)  # trainer.consumed stays 0: the same batch
+        loss, _, _ = train_step(trainer, 1e-4)  # trainer.consumed stays 0: the same batch
         return loss
 
     first = (megalite_step(), plain_step())

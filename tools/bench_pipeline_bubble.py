@@ -39,6 +39,15 @@ from megalite.pipeline_parallel import (
 )
 from megalite.pipeline_parallel.timeline import simulate
 
+
+def _pp_sizes() -> tuple[int, int]:
+    """(PP, model chunks per stage) of the live parallel state: the schedule to use."""
+    return (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+    )
+
+
 SHAPE = (8, 2, 16)  # [s, b, h] between stages: small, the messages should not dominate
 
 
@@ -110,7 +119,10 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
         ps.initialize_model_parallel(1, world, virtual_pipeline_model_parallel_size=v)
         tf, tb = args.tf_ms / 1000 / v, args.tb_ms / 1000 / v
         chunks = [SleepStage(tf, tb, pre_process=rank == 0 and c == 0) for c in range(v)]
-        fb = get_forward_backward_func()
+        fb = get_forward_backward_func(
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+        )
         fractions = []
         for _ in range(args.iters):
             data = [iter([torch.ones(SHAPE)] * args.m) for _ in chunks]

@@ -23,10 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megalite.checkpoint import format as ckpt  # noqa: E402
 from megalite.checkpoint import layout as L  # noqa: E402
 from megalite.data_parallel.optimizer import STATE_FORMAT  # noqa: E402
 from megalite.model import build_model  # noqa: E402
-from megalite.training import checkpointing as ckpt  # noqa: E402
+from megalite.model.config import GPTConfig  # noqa: E402
 
 # VmHWM is the high-water mark of this process's own address space. (ru_maxrss is not: a child
 # started by vfork/posix_spawn inherits its parent's peak across exec, and this parent holds the
@@ -45,8 +46,10 @@ def make_checkpoint(root: Path, layers: int, hidden: int, vocab: int) -> int:
                 position_embedding_type="rope", disable_bias_linear=True, vocab_size=vocab,
                 mock_data=True, make_vocab_size_divisible_by=128, padded_vocab_size=vocab,
                 tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)  # fmt: skip
-    config = L.config_from_args(args)
-    one = L.config_from_args(dict(args, num_layers=1), 1, 1)
+    meta = {"model": {k: v for k, v in args.items() if k in GPTConfig.__dataclass_fields__},
+            "padded_vocab_size": vocab}  # fmt: skip
+    config = L.config_from_meta(meta)
+    one = L.config_from_meta(dict(meta, model=dict(meta["model"], num_layers=1)), 1, 1)
     (model,) = build_model(one, 0, use_parallel_state=False)
     shapes = {}
     for name, p in model.named_parameters():

@@ -85,13 +85,15 @@ def _worker(rank: int, world: int, port: int, args, out_path: str) -> None:
     for zero in (0, 1, 2):
         (model,) = build_model(cfg, seed=1)
         ddp = DistributedDataParallel(model, ps.get_data_parallel_group(), args.bucket, True, zero)
-        opt = build_optimizer(OptimizerConfig(bf16=True, zero_stage=zero), [ddp])
+        opt = build_optimizer(
+            OptimizerConfig(bf16=True, zero_stage=zero), [ddp], ps.get_model_parallel_groups()
+        )
         g = torch.Generator().manual_seed(rank)
         for step in range(2):
             tokens = torch.randint(0, args.vocab, (2, 32), generator=g)
             comm.clear()
             ddp(tokens, tokens).float().mean().backward()
-            finalize_model_grads([ddp])
+            finalize_model_grads([ddp], groups=ps.get_model_parallel_groups())
             opt.step()
             step_comm = list(comm)
             if step == 0:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megalite.checkpoint.format import CheckpointError  # noqa: E402
 from megalite.checkpoint.reshard import reshard  # noqa: E402
-from megalite.training.checkpointing import CheckpointError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

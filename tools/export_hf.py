@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megalite.checkpoint.format import CheckpointError  # noqa: E402
 from megalite.checkpoint.hf_io import export_hf  # noqa: E402
-from megalite.training.checkpointing import CheckpointError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megalite.checkpoint.format import CheckpointError  # noqa: E402
 from megalite.checkpoint.hf_io import import_hf, pretrain_flags  # noqa: E402
-from megalite.training.checkpointing import CheckpointError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"import_hf: error: {e}", file=sys.stderr)
         return 2
-    args = json.loads((folder / "meta.json").read_text())["args"]
+    meta = json.loads((folder / "meta.json").read_text())
     print(f"wrote {folder} (weights only)")
-    print(f"train with: megalite-pretrain --load {a.save} --finetune {pretrain_flags(args)} ...")
+    print(f"train with: megalite-pretrain --load {a.save} --finetune {pretrain_flags(meta)} ...")
     return 0
 
 

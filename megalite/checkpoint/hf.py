@@ -29,7 +29,7 @@ from megalite.checkpoint.layout import OUTPUT_LAYER, POSITION_EMBEDDING, WORD_EM
 from megalite.model import GPTConfig
 
 _WTE = {"llama": "model.embed_tokens.weight", "gpt2": "transformer.wte.weight"}
-EPS = 1e-5  # megalite's norm epsilon (GPTConfig.layernorm_epsilon)
+EPS = 1e-5  # megalite's norm epsilon (GPTConfig.norm_epsilon)
 
 
 class HFConversionError(ValueError):
@@ -47,7 +47,7 @@ def hf_kind(c: GPTConfig) -> str:
         "gpt2": {
             "normalization": "LayerNorm",
             "activation": "gelu",
-            "position_embedding_type": "learned",
+            "position_embedding_type": "learned_absolute",
         },
     }
     misses = {}
@@ -96,7 +96,7 @@ def hf_config(c: GPTConfig, vocab: int, dtype: torch.dtype, tokens: dict) -> dic
             "head_dim": c.head_dim,
             "hidden_act": "silu",
             "max_position_embeddings": c.max_position_embeddings,
-            "rms_norm_eps": c.layernorm_epsilon,
+            "rms_norm_eps": c.norm_epsilon,
             "rope_parameters": {"rope_type": "default", "rope_theta": theta},
             "rope_theta": theta,  # transformers < 5 reads this key
             "attention_bias": c.add_bias_linear,
@@ -115,7 +115,7 @@ def hf_config(c: GPTConfig, vocab: int, dtype: torch.dtype, tokens: dict) -> dic
         "n_positions": c.max_position_embeddings,
         "n_ctx": c.max_position_embeddings,
         "activation_function": "gelu",
-        "layer_norm_epsilon": c.layernorm_epsilon,
+        "layer_norm_epsilon": c.norm_epsilon,
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,

@@ -11,6 +11,7 @@ The tensor maps and what each HF class can represent are in `megalite.checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,11 +21,13 @@ from typing import Optional
 
 import torch
 
+from megalite.checkpoint import format as ckpt
 from megalite.checkpoint import hf as H
 from megalite.checkpoint import layout as L
 from megalite.checkpoint.reshard import ReshardError, Source, fill_unit, write_skeletons
 from megalite.checkpoint.streaming import fsync_file
-from megalite.training import checkpointing as ckpt
+from megalite.config.fields import cli_fields, flag_name, to_dict
+from megalite.model.config import GPTConfig
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -98,7 +101,7 @@ def export_hf(
     src = Source(folder, meta)
     c = src.config
     H.hf_kind(c)  # refuse what neither class represents before writing anything
-    vocab = true_vocab or L.true_vocab_size(meta["args"])
+    vocab = true_vocab or L.true_vocab_size(meta)
     if vocab is None:
         raise ReshardError("cannot tell the tokenizer's vocabulary size: pass --true-vocab-size")
     out = Path(output)
@@ -156,7 +159,7 @@ def _write_hf(
         _write_json(
             out / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
         )
-    tokenizer, ids = _tokenizer_files(meta["args"], out)
+    tokenizer, ids = _tokenizer_files(meta.get("settings", {}), out)
     config = H.hf_config(c, vocab, dtype or torch.float32, ids)
     _write_json(out / "config.json", config)
     log(f"wrote {', '.join(names + tokenizer + ['config.json'])}")
@@ -196,42 +199,24 @@ class _Reader:
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
-def megalite_args(hf: dict, tp: int, pp: int, layers_per_virtual: Optional[int], divisible: int):
-    """The trainer's full (validated) args for an HF config at TP x PP, as meta.json stores."""
-    from megalite.training.arguments import build_parser, validate_args
-
+def imported_model(
+    hf: dict, tp: int, pp: int, layers_per_virtual: Optional[int], divisible: int
+) -> GPTConfig:
+    """The megalite model an HF config.json describes, split at TP x PP (chunks); the
+    GPTConfig refuses a layout that cannot hold it, naming the flags."""
     a = H.megalite_args_from_hf(hf)
-    argv = [
-        "--num-layers", a["num_layers"], "--hidden-size", a["hidden_size"],
-        "--num-attention-heads", a["num_attention_heads"], "--seq-length",
-        a["max_position_embeddings"], "--max-position-embeddings", a["max_position_embeddings"],
-        "--ffn-hidden-size", a["ffn_hidden_size"], "--normalization", a["normalization"],
-        "--position-embedding-type", a["position_embedding_type"],
-        "--micro-batch-size", 1, "--train-iters", 0, "--lr", 0, "--mock-data",
-        "--vocab-size", a["vocab_size"], "--make-vocab-size-divisible-by", divisible,
-        "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
-    ]  # fmt: skip
-    if a["num_query_groups"]:
-        argv += ["--num-query-groups", a["num_query_groups"]]
-    if "rotary_base" in a:
-        argv += ["--rotary-base", a["rotary_base"]]
-    if layers_per_virtual:
-        argv += ["--num-layers-per-virtual-pipeline-stage", layers_per_virtual]
-    for flag, on in (
-        ("--swiglu", a["swiglu"]),
-        ("--disable-bias-linear", a["disable_bias_linear"]),
-        ("--untie-embeddings-and-output-weights", a["untie_embeddings_and_output_weights"]),
-    ):
-        argv += [flag] if on else []
-    args = build_parser().parse_args([str(x) for x in argv])
-    validate_args(args, tp * pp)  # refuses a layout that cannot hold the model, naming flags
-    args.padded_vocab_size = L.vocab_size_with_padding(a["vocab_size"], divisible, tp)
-    args.true_vocab_size = a["vocab_size"]
-    return {
-        k: v
-        for k, v in vars(args).items()
-        if isinstance(v, (int, float, str, bool, list, type(None)))
-    }
+    fields = {f.name for f in cli_fields(GPTConfig)}
+    model = {k: v for k, v in a.items() if k in fields}
+    model["rotary_base"] = int(model.get("rotary_base", 10000))
+    return GPTConfig(
+        **model,
+        seq_length=a["max_position_embeddings"],
+        vocab_size=a["vocab_size"],
+        make_vocab_size_divisible_by=divisible,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        num_layers_per_virtual_pipeline_stage=layers_per_virtual,
+    )
 
 
 def import_hf(
@@ -248,11 +233,12 @@ def import_hf(
     folder = Path(hf_dir)
     hf = json.loads((folder / "config.json").read_text())
     try:
-        args = megalite_args(hf, tp, pp, layers_per_virtual, divisible)
-        c = L.config_from_args(args)
+        model = imported_model(hf, tp, pp, layers_per_virtual, divisible)
+        rows = model.padded_vocab_size
+        c = dataclasses.replace(model, vocab_size=rows, hidden_dropout=0.0, attention_dropout=0.0)
     except ValueError as e:
         raise ReshardError(f"cannot import {folder} at TP {tp} x PP {pp}: {e}") from None
-    kind, rows = hf["model_type"], args["padded_vocab_size"]
+    kind = hf["model_type"]
     reader = _Reader(folder)
     units = ["embedding", *(f"layer.{i}" for i in range(c.num_layers)), "final"]
     names: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -278,8 +264,13 @@ def import_hf(
     for t, p in shards:
         for path in ckpt.shard_dir(tmp, t, p).iterdir():
             fsync_file(path)
+    settings = {k: v for k, v in to_dict(model).items() if k in _flags(GPTConfig)}
+    settings.update({k: getattr(model, k) for k in ckpt.LAYOUT_FIELDS})
     meta = {
-        "args": args,
+        "settings": settings,
+        "model": to_dict(model),
+        "padded_vocab_size": rows,
+        "optimizer_sharded": False,
         "iteration": 0,
         "consumed_train_samples": 0,
         "consumed_valid_samples": 0,
@@ -294,24 +285,30 @@ def import_hf(
     return ckpt.publish_iteration(root, 0, tmp)
 
 
-def pretrain_flags(args: dict) -> str:
-    """The megalite-pretrain model flags that match an imported checkpoint's args."""
-    out = [
-        f"--num-layers {args['num_layers']} --hidden-size {args['hidden_size']}",
-        f"--num-attention-heads {args['num_attention_heads']}",
-        f"--ffn-hidden-size {args['ffn_hidden_size']}",
-        f"--max-position-embeddings {args['max_position_embeddings']}",
-        f"--normalization {args['normalization']}",
-        f"--position-embedding-type {args['position_embedding_type']}",
-        f"--make-vocab-size-divisible-by {args['make_vocab_size_divisible_by']}",
-        f"--tensor-model-parallel-size {args['tensor_model_parallel_size']}",
-        f"--pipeline-model-parallel-size {args['pipeline_model_parallel_size']}",
-    ]
-    if args.get("num_query_groups"):
-        out.append(f"--num-query-groups {args['num_query_groups']}")
-    if args.get("position_embedding_type") == "rope":
-        out.append(f"--rotary-base {args['rotary_base']:g}")
-    for flag in ("swiglu", "disable_bias_linear", "untie_embeddings_and_output_weights"):
-        if args.get(flag):
-            out.append("--" + flag.replace("_", "-"))
+def _flags(cls) -> set[str]:
+    return {f.name for f in cli_fields(cls)}
+
+
+def pretrain_flags(meta: dict) -> str:
+    """The megalite-pretrain model and layout flags that match a checkpoint's model."""
+    from megalite.checkpoint.format import saved_model_config
+
+    model = saved_model_config(meta)
+    defaults = GPTConfig(num_layers=1, hidden_size=1, num_attention_heads=1, seq_length=1)
+    out = []
+    for f in cli_fields(GPTConfig):
+        value = getattr(model, f.name)
+        if f.name in ("seq_length", "hidden_dropout", "attention_dropout", "init_method_std"):
+            continue
+        if f.name not in ("num_layers", "hidden_size", "num_attention_heads") and value == getattr(
+            defaults, f.name
+        ):
+            continue
+        if isinstance(value, bool):
+            out += [flag_name(f.name)] if value else []
+        elif value is not None:
+            out.append(f"{flag_name(f.name)} {value}")
+    for k in ckpt.LAYOUT_FIELDS:
+        if meta["model"].get(k) is not None:
+            out.append(f"{flag_name(k)} {meta['model'][k]}")
     return " ".join(out)

@@ -1,7 +1,7 @@
 """Where each parameter of a megalite checkpoint lives, and how its TP shards join and split.
 
-A checkpoint's ``meta.json`` ``args`` (the training flags) fix the model; `config_from_args`
-rebuilds its `GPTConfig` at any TP/PP/virtual layout, and `GPTConfig` itself refuses a layout
+A checkpoint's ``meta.json`` holds its model config; `config_from_meta` rebuilds that
+`GPTConfig` at any TP/PP/virtual layout, and `GPTConfig` itself refuses a layout
 that cannot hold the model (heads, query groups or ffn not divisible by TP, layers not divisible
 by PP x chunks) before anything is read or written.
 
@@ -98,85 +98,70 @@ def resize_vocab(full: torch.Tensor, rows: int, true_vocab: Optional[int]) -> to
     return torch.cat([full, extra], dim=0)
 
 
-def true_vocab_size(args: dict) -> Optional[int]:
-    """The tokenizer's vocabulary size for a run's flags (what the trainer pads), if knowable.
+def true_vocab_size(meta: dict) -> Optional[int]:
+    """The tokenizer's vocabulary size of a checkpoint (what the trainer padded), if knowable.
 
-    The trainer's rule: mock data uses ``--vocab-size`` V as it is, NullTokenizer holds V + 1
-    ids (its eod is V), other tokenizers are rebuilt from their files when these still exist.
+    Saved in the model config; for an old checkpoint that lacks it, the tokenizer is rebuilt from
+    its files when these still exist.
     """
-    if args.get("true_vocab_size"):
-        return int(args["true_vocab_size"])
-    if args.get("mock_data"):
-        return args.get("vocab_size")
-    if args.get("tokenizer_type", "NullTokenizer") == "NullTokenizer":
-        return None if args.get("vocab_size") is None else int(args["vocab_size"]) + 1
-    paths = [args.get(k) for k in ("tokenizer_model", "vocab_file", "merge_file")]
+    if meta["model"].get("vocab_size"):
+        return int(meta["model"]["vocab_size"])
+    settings = meta.get("settings", {})
+    paths = [settings.get(k) for k in ("tokenizer_model", "vocab_file", "merge_file")]
     if not any(p and os.path.exists(p) for p in paths):
         return None
     from megalite.data.tokenizers import build_tokenizer
 
     tok = build_tokenizer(
-        args["tokenizer_type"],
-        args.get("tokenizer_model"),
-        args.get("vocab_file"),
-        args.get("merge_file"),
-        args.get("vocab_size"),
+        settings["tokenizer_type"],
+        settings.get("tokenizer_model"),
+        settings.get("vocab_file"),
+        settings.get("merge_file"),
+        settings.get("vocab_size"),
     )
     return tok.vocab_size
 
 
-def config_from_args(
-    args: dict,
+def config_from_meta(
+    meta: dict,
     tp: Optional[int] = None,
     pp: Optional[int] = None,
     layers_per_virtual: Optional[int] = -1,
     vocab_size: Optional[int] = None,
 ) -> GPTConfig:
-    """The `GPTConfig` of a checkpoint's ``args`` at layout (tp, pp, layers per virtual stage).
+    """The `GPTConfig` of a checkpoint at layout (tp, pp, layers per virtual stage).
 
     Omitted layout values keep the checkpoint's (``layers_per_virtual=-1``: keep). `vocab_size`
-    defaults to the saved padded size, which pads to itself at the saved TP. Raises
-    ``ValueError`` (GPTConfig's message) for a layout that cannot hold the model.
+    defaults to the saved padded size, which pads to itself at the saved TP. Dropout is off (the
+    tools only convert). Raises ``ValueError`` (GPTConfig's message) for a layout that cannot
+    hold the model.
     """
-    tp = args["tensor_model_parallel_size"] if tp is None else tp
-    pp = args["pipeline_model_parallel_size"] if pp is None else pp
-    if layers_per_virtual == -1:
-        layers_per_virtual = args.get("num_layers_per_virtual_pipeline_stage")
-    return GPTConfig(
-        num_layers=args["num_layers"],
-        hidden_size=args["hidden_size"],
-        num_attention_heads=args["num_attention_heads"],
-        vocab_size=vocab_size or args["padded_vocab_size"],
-        seq_length=args["seq_length"],
-        num_query_groups=args.get("num_query_groups"),
-        ffn_hidden_size=args.get("ffn_hidden_size"),
-        max_position_embeddings=args.get("max_position_embeddings"),
-        make_vocab_size_divisible_by=args.get("make_vocab_size_divisible_by", 128),
-        normalization=args.get("normalization", "LayerNorm"),
-        activation="swiglu" if args.get("swiglu") else "gelu",
-        position_embedding_type="rope"
-        if args.get("position_embedding_type") == "rope"
-        else "learned",
-        rotary_base=int(args.get("rotary_base", 10000)),
-        add_bias_linear=not args.get("disable_bias_linear", False),
-        untie_embeddings_and_output_weights=args.get("untie_embeddings_and_output_weights", False),
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        num_layers_per_virtual_pipeline_stage=layers_per_virtual,
-    )
+    from megalite.checkpoint.format import saved_model_config
+
+    m = meta["model"]
+    changes = {
+        "tensor_model_parallel_size": m["tensor_model_parallel_size"] if tp is None else tp,
+        "pipeline_model_parallel_size": m["pipeline_model_parallel_size"] if pp is None else pp,
+        "vocab_size": vocab_size or meta["padded_vocab_size"],
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+    }
+    if layers_per_virtual != -1:
+        changes["num_layers_per_virtual_pipeline_stage"] = layers_per_virtual
+    if changes["tensor_model_parallel_size"] == 1:
+        changes["sequence_parallel"] = False
+    return saved_model_config(meta, **changes)
 
 
-def padded_vocab(args: dict, tp: int) -> int:
-    """The padded vocabulary a run with these flags has at TP size `tp`."""
-    if tp == args["tensor_model_parallel_size"]:
-        return args["padded_vocab_size"]
-    vocab = true_vocab_size(args)
-    divisible = args.get("make_vocab_size_divisible_by", 128)
+def padded_vocab(meta: dict, tp: int) -> int:
+    """The padded vocabulary the checkpoint's model has at TP size `tp`."""
+    if tp == meta["model"]["tensor_model_parallel_size"]:
+        return meta["padded_vocab_size"]
+    vocab = true_vocab_size(meta)
+    divisible = meta["model"].get("make_vocab_size_divisible_by", 128)
     if vocab is None:
         # The padded size still bounds the vocabulary: pad it again for the new TP size.
-        vocab = args["padded_vocab_size"]
+        vocab = meta["padded_vocab_size"]
         if vocab % (divisible * tp) == 0:
             return vocab
         raise ValueError(

@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 import torch
 
+from megalite.checkpoint import format as ckpt
 from megalite.checkpoint import layout as L
 from megalite.checkpoint.streaming import (
     empty_like_shape,
@@ -42,7 +43,6 @@ from megalite.checkpoint.streaming import (
 )
 from megalite.data_parallel.optimizer import PARAMS_FORMAT, no_weight_decay
 from megalite.model import GPTConfig
-from megalite.training import checkpointing as ckpt
 
 MOMENTS = ("main", "exp_avg", "exp_avg_sq")
 
@@ -56,8 +56,8 @@ class Source:
     """Lazy access to one checkpoint folder: its model shards and optimizer state per name."""
 
     def __init__(self, folder: Path, meta: dict):
-        self.folder, self.meta, self.args = folder, meta, meta["args"]
-        self.config = L.config_from_args(self.args)
+        self.folder, self.meta = folder, meta
+        self.config = L.config_from_meta(meta)
         self.tp = self.config.tensor_model_parallel_size
         self.pp = self.config.pipeline_model_parallel_size
         shard0 = ckpt.shard_dir(folder, 0, 0)
@@ -276,12 +276,11 @@ def plan_target(
     true_vocab: Optional[int] = None,
 ) -> tuple[GPTConfig, int]:
     """(target config, target padded vocabulary), or ReshardError naming what does not fit."""
-    args = dict(meta["args"])
     if true_vocab is not None:
-        args["true_vocab_size"] = true_vocab
+        meta = dict(meta, model=dict(meta["model"], vocab_size=true_vocab))
     try:
-        dst = L.config_from_args(args, tp, pp, layers_per_virtual)
-        rows = L.padded_vocab(args, tp)
+        dst = L.config_from_meta(meta, tp, pp, layers_per_virtual)
+        rows = L.padded_vocab(meta, tp)
     except ValueError as e:
         raise ReshardError(
             f"cannot reshard to TP {tp} x PP {pp}"
@@ -309,7 +308,7 @@ def reshard(
         raise ReshardError(f"--save {save} is --load itself: write the new layout elsewhere")
     dst, rows = plan_target(meta, tp, pp, layers_per_virtual, true_vocab)
     src = Source(folder, meta)
-    known_vocab = true_vocab or L.true_vocab_size(meta["args"])
+    known_vocab = true_vocab or L.true_vocab_size(meta)
     names = _target_names(src, dst)
     iteration = meta["iteration"]
     root = Path(save)
@@ -365,24 +364,17 @@ def _convert(
 def _write_meta(
     path: Path, meta: dict, dst: GPTConfig, rows: int, source: Path, with_optim: bool
 ) -> None:
-    """The source's meta with the target layout in ``args`` (everything else copied)."""
-    args = dict(meta["args"])
-    lpv = dst.num_layers_per_virtual_pipeline_stage
-    args.update(
-        tensor_model_parallel_size=dst.tensor_model_parallel_size,
-        pipeline_model_parallel_size=dst.pipeline_model_parallel_size,
-        num_layers_per_virtual_pipeline_stage=lpv,
-        virtual_pipeline_model_parallel_size=dst.virtual_pipeline_size if lpv else None,
-        padded_vocab_size=rows,
-    )
-    if dst.tensor_model_parallel_size == 1:
-        args["sequence_parallel"] = False
-    new = dict(meta, args=args)
+    """The source's meta with the target layout in its model config and settings."""
+    layout = {k: getattr(dst, k) for k in ckpt.LAYOUT_FIELDS}
+    model = dict(meta["model"], **layout, sequence_parallel=dst.sequence_parallel)
+    settings = dict(meta.get("settings", {}), **layout, sequence_parallel=dst.sequence_parallel)
+    new = dict(meta, model=model, settings=settings, padded_vocab_size=rows)
+    new["format_version"] = ckpt.FORMAT_VERSION
     new["optimizer_format"] = PARAMS_FORMAT if with_optim else None
     new["resharded_from"] = {
         "folder": str(source),
-        **{k: meta["args"].get(k) for k in ckpt.LAYOUT_ARGS},
-        "padded_vocab_size": meta["args"].get("padded_vocab_size"),
+        **{k: meta["model"].get(k) for k in ckpt.LAYOUT_FIELDS},
+        "padded_vocab_size": meta["padded_vocab_size"],
     }
     with open(path, "w") as f:
         json.dump(new, f, indent=1, sort_keys=True)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.serialization import set_default_mmap_options, skip_data
 
-from megalite.training.checkpointing import CheckpointError
+from megalite.checkpoint.format import CheckpointError
 
 
 def write_skeleton(tree: Any, path: Path) -> None:

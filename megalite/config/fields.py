@@ -8,7 +8,8 @@ same table and cannot drift apart. A field declared with ``cli=False`` is derive
 ``__post_init__``) or filled by the builder (e.g. the tokenizer's vocabulary): it is saved with
 the config but is not a flag.
 
-This module imports nothing of megalite, so every layer may declare its own config with it.
+This module imports nothing of megalite but `megalite.errors`, so every layer may declare its own
+config with it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
+from megalite.errors import UserError
+
 MISSING = dataclasses.MISSING
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting that cannot work; the message names the flag, the file or the numbers."""
 
 

@@ -71,8 +71,11 @@ class Bucket:
         zero_stage: int,
         deferred: bool,
         device: torch.device,
+        reduce_dtype: torch.dtype = torch.float32,
     ):
         self.params = params
+        self.reduce_dtype = reduce_dtype  # bf16: communicate in bf16, accumulate in fp32
+        self.comm: Optional[torch.Tensor] = None
         self.deferred = deferred
         self.zero_stage = zero_stage
         self.ranges: dict[torch.nn.Parameter, tuple[int, int]] = {}
@@ -116,17 +119,20 @@ class Bucket:
         self.materialize()
         if dp_size > 1:
             self.data.div_(dp_size)
+        low = self.reduce_dtype != self.data.dtype and dp_size > 1
+        self.comm = self.data.to(self.reduce_dtype) if low else None
+        send = self.comm if low else self.data
         if self.zero_stage == 0:
             self.out, self.work = None, None
             if dp_size > 1:
-                self.work = dist.all_reduce(self.data, group=group, async_op=True)
+                self.work = dist.all_reduce(send, group=group, async_op=True)
         else:
             # A separate output buffer: reduce-scatter into a view of its own input is not
             # something every backend promises to support.
             size = self.shard[1] - self.shard[0]
-            self.out = torch.empty(size, dtype=self.data.dtype, device=self.data.device)
+            self.out = torch.empty(size, dtype=send.dtype, device=self.data.device)
             if dp_size > 1:
-                self.work = reduce_scatter_flat(self.out, self.data, group=group, async_op=True)
+                self.work = reduce_scatter_flat(self.out, send, group=group, async_op=True)
             else:
                 self.out.copy_(self.data)
                 self.work = None
@@ -137,6 +143,9 @@ class Bucket:
         if self.work is not None:
             self.work.wait()
             self.work = None
+        if self.comm is not None and self.zero_stage == 0:
+            self.data.copy_(self.comm)
+        self.comm = None
         if self.out is not None:
             lo, hi = self.shard
             if self.zero_stage == 1:
@@ -186,6 +195,8 @@ class DistributedDataParallel(torch.nn.Module):
         bucket_size: elements per bucket (``--ddp-bucket-size``); None -> 40M.
         overlap_grad_reduce: launch each bucket's reduction from backward hooks as it fills.
         zero_stage: 0 all-reduce, 1 reduce-scatter, 2 reduce-scatter + keep only the shard.
+        reduce_dtype: dtype of the reduction's messages (``--grad-reduce-in-bf16``: bf16);
+            gradients are accumulated and handed to the optimizer in fp32 either way.
     """
 
     def __init__(
@@ -195,8 +206,10 @@ class DistributedDataParallel(torch.nn.Module):
         bucket_size: Optional[int] = None,
         overlap_grad_reduce: bool = False,
         zero_stage: int = 0,
+        reduce_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
+        self.reduce_dtype = reduce_dtype
         if zero_stage not in (0, 1, 2):
             raise ValueError(f"zero_stage must be 0, 1 or 2, got {zero_stage}")
         if bucket_size is not None and bucket_size < 1:
@@ -237,7 +250,9 @@ class DistributedDataParallel(torch.nn.Module):
         return buckets
 
     def _bucket(self, params, deferred, device) -> Bucket:
-        return Bucket(params, self.dp_size, self.dp_rank, self.zero_stage, deferred, device)
+        return Bucket(
+            params, self.dp_size, self.dp_rank, self.zero_stage, deferred, device, self.reduce_dtype
+        )
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

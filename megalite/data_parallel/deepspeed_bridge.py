@@ -40,11 +40,12 @@ import torch
 
 from megalite import parallel_state
 from megalite.data_parallel.optimizer import OptimizerConfig, get_param_groups
+from megalite.errors import UserError
 
 SUPPORTED_LAYOUTS = "pipeline-model-parallel size 1 with any tensor x data parallel layout"
 
 
-class DeepSpeedLayoutError(ValueError):
+class DeepSpeedLayoutError(UserError, ValueError):
     """A layout or config that the DeepSpeed path cannot run."""
 
 

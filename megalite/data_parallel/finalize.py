@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from megalite.data_parallel.ddp import DistributedDataParallel
-from megalite.model.grads import allreduce_coalesced
+from megalite.distributed import allreduce_coalesced
+from megalite.parallel_state import ModelParallelGroups
 
 
 def _deferred_grads(chunks: list[DistributedDataParallel], attr: str) -> list[torch.Tensor]:
@@ -51,23 +52,18 @@ def allreduce_embedding_grads(chunks: list[DistributedDataParallel], embedding_g
 def finalize_model_grads(
     model_chunks: list[DistributedDataParallel],
     num_tokens: Optional[torch.Tensor] = None,
-    tp_group=None,
-    embedding_group=None,
+    *,
+    groups: Optional[ModelParallelGroups] = None,
 ) -> None:
     """Make every chunk's ``main_grad`` the full, DP-averaged gradient (its shard under ZeRO).
 
-    The schedules' ``finalize_model_grads_func``. Groups default to parallel_state's (asked
-    once per call); the embedding group is used only on a rank that belongs to it and holds a
-    ``shared_embedding`` parameter. `num_tokens` is accepted for schedule compatibility and
-    ignored: the loss is already averaged per micro-batch.
+    The schedules' ``finalize_model_grads_func`` (bind `groups` with functools.partial).
+    `groups` (default: an unsplit model) gives the TP group for sequence-parallel grads and the
+    embedding group for tied embeddings. `num_tokens` is accepted for schedule compatibility
+    and ignored: the loss is already averaged per micro-batch.
     """
-    from megalite import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        if tp_group is None:
-            tp_group = ps.get_tensor_model_parallel_group()
-        if embedding_group is None and ps.is_rank_in_embedding_group(ignore_virtual=True):
-            embedding_group = ps.get_embedding_group()
+    groups = groups or ModelParallelGroups()
+    tp_group, embedding_group = groups.tp_group, groups.embedding_group
     allreduce_sequence_parallel_grads(model_chunks, tp_group)
     if embedding_group is not None:
         allreduce_embedding_grads(model_chunks, embedding_group)

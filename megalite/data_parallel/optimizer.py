@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megalite.config import ConfigError, option
 from megalite.data_parallel import clip_grads
 from megalite.data_parallel.ddp import DistributedDataParallel, all_gather_flat
 from megalite.data_parallel.grad_scaler import (
@@ -55,70 +56,77 @@ from megalite.data_parallel.grad_scaler import (
     DynamicGradScaler,
     found_inf_anywhere,
 )
+from megalite.parallel_state import ModelParallelGroups
 
 STATE_FORMAT = "megalite-optimizer-v1"
+# Parameters that --decoupled-lr applies to (Megatron: the input embedding and the output layer).
+DECOUPLED_LR_PARAMS = ("embedding.word_embeddings.", "output_layer.")
 PARAMS_FORMAT = "megalite-optimizer-params-v1"  # per parameter, any DP / ZeRO stage
 
 
 @dataclass
 class OptimizerConfig:
-    """AdamW, clipping, mixed precision and ZeRO settings (Megatron flag in parentheses)."""
+    """AdamW, clipping, mixed precision and ZeRO settings; each field is the flag of its name."""
 
-    lr: float = 1.0e-4
-    """Initial learning rate (--lr); the trainer's scheduler overwrites param_groups' lr."""
-    weight_decay: float = 0.01
-    """Decoupled weight decay (--weight-decay); never applied to biases and norm weights."""
-    adam_beta1: float = 0.9
-    """First-moment decay (--adam-beta1)."""
-    adam_beta2: float = 0.999
-    """Second-moment decay (--adam-beta2)."""
-    adam_eps: float = 1.0e-8
-    """Denominator epsilon (--adam-eps)."""
-    clip_grad: float = 1.0
-    """Global grad-norm clip (--clip-grad); 0 turns clipping off (the norm is still reported)."""
-    zero_stage: int = 0
-    """0: replicated optimizer; 1: shard fp32 params + Adam state; 2: also the grads."""
-    bf16: bool = False
-    """Model in bf16, fp32 main params and grads in the optimizer (--bf16)."""
-    fp16: bool = False
-    """Model in fp16 with loss scaling (--fp16)."""
-    loss_scale: Optional[float] = None
-    """Constant loss scale under fp16 (--loss-scale); None means dynamic scaling."""
-    initial_loss_scale: float = 2.0**32
-    """Starting dynamic loss scale (--initial-loss-scale)."""
-    min_loss_scale: float = 1.0
-    """Floor of the dynamic loss scale (--min-loss-scale)."""
-    loss_scale_window: int = 1000
-    """Clean steps before the dynamic scale doubles (--loss-scale-window)."""
-    hysteresis: int = 2
-    """Overflowing steps tolerated before the dynamic scale halves (--hysteresis)."""
-    log_num_zeros_in_grad: bool = False
-    """Also count zero gradient entries (--log-num-zeros-in-grad)."""
+    lr: float = option(help="peak learning rate", required=True)
+    min_lr: float = option(0.0, "learning-rate floor at the end of decay")
+    decoupled_lr: Optional[float] = option(
+        None, "separate peak lr for the input embedding and output layer"
+    )
+    decoupled_min_lr: Optional[float] = option(
+        None, "lr floor for the input embedding and output layer (with --decoupled-lr)"
+    )
+    weight_decay: float = option(0.01, "decoupled weight decay; never on biases and norms")
+    adam_beta1: float = option(0.9, "Adam first-moment decay")
+    adam_beta2: float = option(0.999, "Adam second-moment decay")
+    adam_eps: float = option(1.0e-8, "Adam denominator epsilon")
+    clip_grad: float = option(1.0, "global grad-norm clip; 0 turns clipping off")
+    zero_stage: Optional[int] = option(
+        None, "megalite's own ZeRO (1: optimizer state, 2: + gradients)", choices=(0, 1, 2)
+    )
+    use_distributed_optimizer: bool = option(False, "shard the optimizer over DP (= ZeRO-1)")
+    bf16: bool = option(False, "bf16 model; fp32 main params and grads in the optimizer")
+    fp16: bool = option(False, "fp16 model with loss scaling")
+    loss_scale: Optional[float] = option(None, "constant loss scale (fp16); default dynamic")
+    initial_loss_scale: float = option(2.0**32, "starting dynamic loss scale (fp16)")
+    min_loss_scale: float = option(1.0, "floor of the dynamic loss scale (fp16)")
+    loss_scale_window: int = option(1000, "clean steps before the dynamic scale doubles")
+    hysteresis: int = option(2, "overflowing steps tolerated before the scale halves")
+    log_num_zeros_in_grad: bool = option(False, "also count zero gradient entries")
 
     def __post_init__(self):
+        if self.use_distributed_optimizer:
+            if self.zero_stage == 0:
+                raise ConfigError("--use-distributed-optimizer conflicts with --zero-stage 0")
+            self.zero_stage = self.zero_stage or 1
+        self.zero_stage = self.zero_stage or 0
+        if self.decoupled_min_lr is not None and self.decoupled_lr is None:
+            raise ConfigError("--decoupled-min-lr needs --decoupled-lr")
+        if self.lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr} exceeds --lr {self.lr}")
         if self.bf16 and self.fp16:
-            raise ValueError("--bf16 and --fp16 are mutually exclusive")
+            raise ConfigError("--bf16 and --fp16 are mutually exclusive")
         if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"zero stage must be 0, 1 or 2, got {self.zero_stage}")
-        if self.lr < 0 or self.weight_decay < 0 or self.clip_grad < 0:
-            raise ValueError(
+            raise ConfigError(f"zero stage must be 0, 1 or 2, got {self.zero_stage}")
+        if (self.lr or 0) < 0 or self.min_lr < 0 or self.weight_decay < 0 or self.clip_grad < 0:
+            raise ConfigError(
                 f"lr, weight decay and clip grad must be >= 0, got {self.lr}, "
                 f"{self.weight_decay}, {self.clip_grad}"
             )
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.adam_eps <= 0:
-            raise ValueError(f"adam eps must be > 0, got {self.adam_eps}")
+            raise ConfigError(f"adam eps must be > 0, got {self.adam_eps}")
         if self.loss_scale is not None and self.loss_scale <= 0:
-            raise ValueError(f"loss scale must be > 0, got {self.loss_scale}")
+            raise ConfigError(f"loss scale must be > 0, got {self.loss_scale}")
         if not 0 < self.min_loss_scale <= self.initial_loss_scale:
-            raise ValueError(
+            raise ConfigError(
                 f"need 0 < min loss scale ({self.min_loss_scale}) <= initial loss scale "
                 f"({self.initial_loss_scale})"
             )
         if self.loss_scale_window < 1 or self.hysteresis < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"loss scale window and hysteresis must be >= 1, got "
                 f"{self.loss_scale_window}, {self.hysteresis}"
             )
@@ -172,7 +180,12 @@ class MixedPrecisionOptimizer:
 
     sharded = False
 
-    def __init__(self, config: OptimizerConfig, model_chunks: list[DistributedDataParallel]):
+    def __init__(
+        self,
+        config: OptimizerConfig,
+        model_chunks: list[DistributedDataParallel],
+        groups: Optional[ModelParallelGroups] = None,
+    ):
         for c in model_chunks:
             if not isinstance(c, DistributedDataParallel):
                 raise TypeError(
@@ -189,19 +202,29 @@ class MixedPrecisionOptimizer:
         self.dp_group = model_chunks[0].data_parallel_group if model_chunks else None
         self.dp_size = model_chunks[0].dp_size if model_chunks else 1
         self.dp_rank = model_chunks[0].dp_rank if model_chunks else 0
-        self._init_parallel_groups()
+        self._init_parallel_groups(groups or ModelParallelGroups())
         self.pieces = self._build_pieces()
         wd = {
             id(p): g["weight_decay"]
             for g in get_param_groups([c.module for c in model_chunks], config.weight_decay)
             for p in g["params"]
         }
-        groups: dict[float, list[torch.Tensor]] = {}
+        # --decoupled-lr: the embedding and output layer get groups of their own, so the trainer
+        # can give them their own schedule (without it the groups are as before: old optimizer
+        # checkpoints keep their order).
+        decoupled = set()
+        if config.decoupled_lr is not None:
+            for c in model_chunks:
+                for name, p in c.module.named_parameters():
+                    if name.startswith(DECOUPLED_LR_PARAMS):
+                        decoupled.add(id(p))
+        groups: dict[tuple[float, bool], list[torch.Tensor]] = {}
         for piece in self.pieces:
-            groups.setdefault(wd[id(piece.param)], []).append(piece.main)
+            key = (wd[id(piece.param)], id(piece.param) in decoupled)
+            groups.setdefault(key, []).append(piece.main)
         self.optimizer = torch.optim.AdamW(
-            [{"params": ps, "weight_decay": w} for w, ps in groups.items()],
-            lr=config.lr,
+            [{"params": ps, "weight_decay": w, "decoupled_lr": d} for (w, d), ps in groups.items()],
+            lr=config.lr or 0.0,
             betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_eps,
         )
@@ -218,15 +241,10 @@ class MixedPrecisionOptimizer:
                 )
             )
 
-    def _init_parallel_groups(self) -> None:
-        """Ask parallel_state once for what the norm and inf checks need."""
-        from megalite import parallel_state as ps
-
-        self.tp_rank, self.is_first_stage, mp_group, mp_size = 0, True, None, 1
-        if ps.model_parallel_is_initialized():
-            self.tp_rank = ps.get_tensor_model_parallel_rank()
-            self.is_first_stage = ps.is_pipeline_first_stage(ignore_virtual=True)
-            mp_group, mp_size = ps.get_model_parallel_group(), ps.get_model_parallel_world_size()
+    def _init_parallel_groups(self, mp: ModelParallelGroups) -> None:
+        """What the norm and inf checks need, from the groups handed in."""
+        self.tp_rank, self.is_first_stage = mp.tp_rank, mp.is_first_stage
+        mp_group, mp_size = mp.model_parallel_group, mp.model_parallel_size
         groups = [self.dp_group] if self.sharded and self.dp_size > 1 else []
         if mp_size > 1:
             groups.append(mp_group)
@@ -422,8 +440,13 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
 
 
 def build_optimizer(
-    config: OptimizerConfig, model_chunks: list[DistributedDataParallel]
+    config: OptimizerConfig,
+    model_chunks: list[DistributedDataParallel],
+    groups: Optional[ModelParallelGroups] = None,
 ) -> MixedPrecisionOptimizer:
-    """The optimizer the trainer uses: `DistributedOptimizer` for ZeRO 1/2, else replicated."""
+    """The optimizer the trainer uses: `DistributedOptimizer` for ZeRO 1/2, else replicated.
+
+    `groups`: the model split (`parallel_state.get_model_parallel_groups()`); default unsplit.
+    """
     cls = DistributedOptimizer if config.zero_stage > 0 else MixedPrecisionOptimizer
-    return cls(config, model_chunks)
+    return cls(config, model_chunks, groups)

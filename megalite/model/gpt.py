@@ -73,7 +73,7 @@ class Embedding(nn.Module):
             init_method=init.normal(WORD_EMBEDDING, rows=c.vocab_size),
             params_dtype=c.params_dtype, device=device,
         )  # fmt: skip
-        if c.position_embedding_type == "learned":
+        if c.position_embedding_type == "learned_absolute":
             name = "embedding.position_embeddings.weight"
             table = torch.empty(c.max_position_embeddings, c.hidden_size)
             init.normal(name)(table)
@@ -157,8 +157,9 @@ class GPTModel(nn.Module):
         self.output_layer = None
         if post_process:
             self.decoder.final_layernorm = build_norm(
-                c.normalization, c.hidden_size, c.layernorm_epsilon,
-                sequence_parallel=c.sequence_parallel, params_dtype=c.params_dtype, device=device,
+                c.normalization, c.hidden_size, c.norm_epsilon,
+                zero_centered_gamma=c.apply_layernorm_1p, sequence_parallel=c.sequence_parallel,
+                params_dtype=c.params_dtype, device=device,
             )  # fmt: skip
             self.output_layer = ColumnParallelLinear(
                 c.hidden_size, c.padded_vocab_size, group=tp_group, bias=False,

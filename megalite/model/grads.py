@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megalite.distributed import allreduce_coalesced
+
 
 def _grad(p: nn.Parameter) -> torch.Tensor:
     """The gradient to reduce; a parameter without one gets zeros (peers still all-reduce)."""
@@ -37,18 +39,6 @@ def _marked(model_chunks: Iterable[nn.Module], attr: str) -> list[nn.Parameter]:
                 seen.add(id(p))
                 out.append(p)
     return out
-
-
-def allreduce_coalesced(grads: list[torch.Tensor], group) -> None:
-    """One all-reduce (sum) over `group` for all `grads`, flattened together and copied back."""
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def allreduce_sequence_parallel_grads(model_chunks: Iterable[nn.Module], tp_group) -> None:

@@ -17,6 +17,7 @@ import importlib
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")  # Megatron's --normalization values
@@ -50,11 +51,32 @@ class _TorchRMSNorm(nn.Module):
         return normed.to(x.dtype) * self.weight
 
 
+class _ZeroCenteredNorm(nn.Module):
+    """LayerNorm / RMSNorm whose weight is stored as ``gamma - 1`` (Megatron's
+    ``--apply-layernorm-1p``): initialised to zero, so weight decay pulls gamma towards 1."""
+
+    def __init__(self, kind: str, hidden_size: int, eps: float, dtype=None, device=None) -> None:
+        super().__init__()
+        self.kind, self.eps, self.shape = kind, eps, (hidden_size,)
+        self.weight = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device))
+        if kind == "LayerNorm":
+            self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gamma = self.weight + 1
+        if self.kind == "LayerNorm":
+            return F.layer_norm(x, self.shape, gamma, self.bias, self.eps)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * gamma
+
+
 def build_norm(
     normalization: str,
     hidden_size: int,
     eps: float = 1e-5,
     *,
+    zero_centered_gamma: bool = False,
     sequence_parallel: bool = False,
     use_fused: Optional[bool] = None,
     params_dtype: torch.dtype = torch.float32,
@@ -63,7 +85,8 @@ def build_norm(
     """A ``"LayerNorm"`` or ``"RMSNorm"`` over the last dim: ``[.., h] -> [.., h]``.
 
     `use_fused`: None = apex when available (see module docstring), True = apex or ImportError,
-    False = torch. Parameters get ``sequence_parallel`` and ``tensor_model_parallel=False``.
+    False = torch. `zero_centered_gamma` stores the weight as gamma - 1 (torch path only).
+    Parameters get ``sequence_parallel`` and ``tensor_model_parallel=False``.
     """
     kinds = {k.lower(): k for k in NORMALIZATIONS}
     kind = kinds.get(normalization.lower())
@@ -80,7 +103,9 @@ def build_norm(
             f"{'lacks it' if apex_norm is not None else 'did not import'}); use use_fused=None "
             "or False for torch's norms"
         )
-    if fused_cls is not None and (use_fused or torch.cuda.is_available()):
+    if zero_centered_gamma:
+        norm = _ZeroCenteredNorm(kind, hidden_size, eps, dtype=params_dtype, device=device)
+    elif fused_cls is not None and (use_fused or torch.cuda.is_available()):
         norm = fused_cls(hidden_size, eps=eps).to(device=device, dtype=params_dtype)
     elif kind == "LayerNorm":
         norm = nn.LayerNorm(hidden_size, eps=eps, dtype=params_dtype, device=device)

@@ -76,8 +76,11 @@ class ParamInit:
 
 
 def rope_cache(config: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin ``[max_positions, 1, 1, head_dim]`` for rotate-half RoPE (Megatron's)."""
-    d = config.head_dim
+    """cos and sin ``[max_positions, 1, 1, rotary_dim]`` for rotate-half RoPE (Megatron's).
+
+    With ``rotary_percent < 1`` only the first `rotary_dim` channels of each head rotate.
+    """
+    d = config.rotary_dim
     inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
     angles = torch.outer(positions, inv_freq)
@@ -88,8 +91,12 @@ def rope_cache(config: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tens
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``[s, b, heads, d]`` by position: ``x * cos + rotate_half(x) * sin``.
 
-    cos/sin are cast to x's dtype (Megatron-core does the same), so bf16 stays bf16.
+    cos/sin are cast to x's dtype (Megatron-core does the same), so bf16 stays bf16. When cos is
+    narrower than the head (``--rotary-percent``), the remaining channels pass through.
     """
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
@@ -225,8 +232,9 @@ class TransformerLayer(nn.Module):
 
         def norm():
             return build_norm(
-                c.normalization, c.hidden_size, c.layernorm_epsilon,
-                sequence_parallel=c.sequence_parallel, params_dtype=c.params_dtype, device=device,
+                c.normalization, c.hidden_size, c.norm_epsilon,
+                zero_centered_gamma=c.apply_layernorm_1p, sequence_parallel=c.sequence_parallel,
+                params_dtype=c.params_dtype, device=device,
             )  # fmt: skip
 
         self.input_layernorm = norm()

@@ -76,8 +76,8 @@ def forward_backward_pipelining_with_interleaving(
 ) -> list[dict]:
     """Interleaved 1F1B; `model` and `data_iterator` are lists, one entry per model chunk.
 
-    Same contract as the other schedules (see `schedules`); the forward of chunk c runs with
-    ``parallel_state``'s virtual pipeline rank set to c, for code that asks it.
+    Same contract as the other schedules (see `schedules`); chunk c reads `data_iterator[c]`.
+    No global state is set: a chunk knows its own place in the pipeline.
     """
     chunks = as_chunks(model)
     links = links if links is not None else PipelineLinks.from_parallel_state()
@@ -114,7 +114,6 @@ def forward_backward_pipelining_with_interleaving(
 
     def run_forward(k: int) -> torch.Tensor:
         c = chunk_id(k, p, v, forward=True)
-        _set_virtual_rank(c)
         if is_first(c):
             inputs[c].append(None)
         it = iterators[c] if iterators is not None else data_iterator
@@ -127,7 +126,6 @@ def forward_backward_pipelining_with_interleaving(
 
     def run_backward(k: int) -> Optional[torch.Tensor]:
         c = chunk_id(k, p, v, forward=False)
-        _set_virtual_rank(c)
         if microbatch_id(k, p, v) == m - 1:
             sync.enable_sync(c)  # chunk c's last micro-batch: its DDP may reduce from here on
         if is_last(c):
@@ -208,14 +206,6 @@ def forward_backward_pipelining_with_interleaving(
                 if recv_next:
                     output_grads[next_bc].append(grad)
             sync.enable_sync()
-    _set_virtual_rank(0)
     if not forward_only and finalize_model_grads_func is not None:
         finalize_model_grads_func(chunks)
     return losses
-
-
-def _set_virtual_rank(c: int) -> None:
-    from megalite import parallel_state as ps
-
-    if ps.model_parallel_is_initialized() and ps.get_virtual_pipeline_model_parallel_world_size():
-        ps.set_virtual_pipeline_model_parallel_rank(c)

@@ -319,22 +319,3 @@ def forward_backward_pipelining_without_interleaving(
     if not forward_only and finalize_model_grads_func is not None:
         finalize_model_grads_func(chunks)
     return losses
-
-
-def get_forward_backward_func() -> Callable[..., list[dict]]:
-    """The schedule for the current layout in `megalite.parallel_state`.
-
-    PP=1: `forward_backward_no_pipelining`; PP>1: 1F1B, or the interleaved 1F1B when a virtual
-    pipeline size > 1 was given to `initialize_model_parallel`.
-    """
-    from megalite import parallel_state as ps
-
-    if ps.get_pipeline_model_parallel_world_size() == 1:
-        return forward_backward_no_pipelining
-    if ps.get_virtual_pipeline_model_parallel_world_size():
-        from megalite.pipeline_parallel.interleaved import (
-            forward_backward_pipelining_with_interleaving,
-        )
-
-        return forward_backward_pipelining_with_interleaving
-    return forward_backward_pipelining_without_interleaving

@@ -14,6 +14,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megalite.errors import UserError
+
 
 class MockGPTDataset:
     """Synthetic, learnable token sequences: ``(start + step * j) mod vocab``.
@@ -60,7 +62,7 @@ def microbatch_indices(
     ]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that the model cannot take (a token id outside the vocabulary, ...)."""
 
 

@@ -1,4 +1,7 @@
-"""Learning-rate schedule: linear warm-up, then constant | linear | cosine decay to --min-lr."""
+"""Learning-rate schedule: linear warm-up, then constant | linear | cosine decay to --min-lr.
+
+Counted in iterations, or in samples for Megatron's sample-based flags (--lr-warmup-samples).
+"""
 
 from __future__ import annotations
 
@@ -29,9 +32,17 @@ class LRSchedule:
         if self.warmup_iters < 0 or self.decay_iters < 0:
             raise ValueError("--lr-warmup-iters and --lr-decay-iters must be >= 0")
 
-    def lr(self, iteration: int) -> float:
-        """Learning rate for the step that produces iteration `iteration + 1` (0-based step)."""
+    def lr(self, iteration: int, increment: int = 1) -> float:
+        """Learning rate for the step that produces iteration `iteration + 1` (0-based step).
+
+        Sample-based schedules (--train-samples, --lr-*-samples) pass the consumed samples as
+        `iteration` and the global batch as `increment`: the schedule then counts samples.
+        """
         if self.warmup_iters > 0 and iteration < self.warmup_iters:
+            if increment > 1:  # samples: the last warm-up batch may reach past the warm-up
+                return (
+                    self.max_lr * min(iteration + increment, self.warmup_iters) / self.warmup_iters
+                )
             return self.max_lr * (iteration + 1) / self.warmup_iters
         if self.decay_style == "constant":
             return self.max_lr

@@ -33,39 +33,41 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-TRACKER = "latest_checkpointed_iteration.txt"
-FORMAT_VERSION = 1
+from megalite.errors import UserError
 
-# Arguments that shape the model or its sharding: a resume must agree on all of them.
-MODEL_SHAPE_ARGS = (
+TRACKER = "latest_checkpointed_iteration.txt"
+# 1: meta.json held the flat argparse namespace ("args"). 2: the resolved settings ("settings",
+# flat {field: value}) and the model config ("model"); format 1 is upgraded on load.
+FORMAT_VERSION = 2
+CONFIG_FILE = "config.yaml"  # the resolved settings, as `megalite-pretrain --config` reads them
+
+# Model fields a resume must agree on (the shape of every weight and how it is split).
+MODEL_SHAPE_FIELDS = (
     "num_layers",
     "hidden_size",
     "num_attention_heads",
     "num_query_groups",
+    "kv_channels",
     "ffn_hidden_size",
-    "padded_vocab_size",
-    "true_vocab_size",
+    "vocab_size",
     "max_position_embeddings",
     "normalization",
+    "apply_layernorm_1p",
     "swiglu",
     "position_embedding_type",
     "untie_embeddings_and_output_weights",
     "disable_bias_linear",
 )
-# Shape arguments that are not flags themselves: how the mismatch is named in messages.
-DERIVED_ARGS = {
-    "padded_vocab_size": "padded vocabulary size (from the tokenizer, "
-    "--make-vocab-size-divisible-by and TP)",
-    "true_vocab_size": "vocabulary size (of the tokenizer, or --vocab-size)",
-}
-LAYOUT_ARGS = (
+LAYOUT_FIELDS = (
     "tensor_model_parallel_size",
     "pipeline_model_parallel_size",
-    "virtual_pipeline_model_parallel_size",
+    "num_layers_per_virtual_pipeline_stage",
 )
+# How a mismatch of a field that is not a flag itself is named.
+DERIVED_NAMES = {"vocab_size": "vocabulary size (of the tokenizer, or --vocab-size)"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be written or must not be loaded; says which and why."""
 
 
@@ -182,12 +184,14 @@ def save_checkpoint(
     optimizer_sharded: bool,
     rng_state: dict,
     meta: dict,
+    extra_files: Optional[dict[str, str]] = None,
 ) -> Path:
     """Write iteration `iteration` collectively from every rank; returns its folder.
 
     `coords` is this rank's {"tp", "pp", "dp"}; `model_state()` / `optimizer_state()` are called
     only on the ranks that write them (DP rank 0 for the model; every DP rank when
-    `optimizer_sharded`). `meta` (JSON-able) is written by global rank 0.
+    `optimizer_sharded`). `meta` (JSON-able) and `extra_files` ({name: text}, e.g. the
+    resolved config.yaml) are written by global rank 0.
     """
     root = Path(root)
     final = iteration_dir(root, iteration)
@@ -220,6 +224,11 @@ def save_checkpoint(
                     json.dump(meta, f, indent=1, sort_keys=True)
                     f.flush()
                     os.fsync(f.fileno())
+                for name, text in (extra_files or {}).items():
+                    with open(tmp / name, "w") as f:
+                        f.write(text)
+                        f.flush()
+                        os.fsync(f.fileno())
             _fsync_dir(shard)
         except Exception as e:  # noqa: BLE001 - any failure must reach every rank
             error = f"{type(e).__name__}: {e}"
@@ -266,32 +275,71 @@ def publish_iteration(root: Path, iteration: int, tmp: Path) -> Path:
 
 
 # --- load --------------------------------------------------------------------------------------
-def check_compatible(meta: dict, args: Any, path: Path) -> None:
-    """Refuse a checkpoint whose model shape or TP/PP differ from this run, naming each."""
-    saved = meta.get("args", {})
+def check_compatible(meta: dict, model: Any, path: Path) -> None:
+    """Refuse a checkpoint whose model shape or TP/PP differ from this run's `model`
+    (a GPTConfig), naming each differing flag."""
+    saved = meta["model"]
     diffs = []
-    for name in MODEL_SHAPE_ARGS + LAYOUT_ARGS:
-        if name in saved and getattr(args, name, None) != saved[name]:
-            flag = DERIVED_ARGS.get(name, "--" + name.replace("_", "-"))
-            diffs.append(f"{flag}: checkpoint {saved[name]!r}, this run {getattr(args, name)!r}")
+    for name in MODEL_SHAPE_FIELDS + LAYOUT_FIELDS:
+        if saved.get(name) is not None and getattr(model, name) != saved[name]:
+            flag = DERIVED_NAMES.get(name, "--" + name.replace("_", "-"))
+            diffs.append(f"{flag}: checkpoint {saved[name]!r}, this run {getattr(model, name)!r}")
     if diffs:
         hint = ""
         if any(
-            d.split(":")[0]
-            in (
-                "--tensor-model-parallel-size",
-                "--pipeline-model-parallel-size",
-                "--virtual-pipeline-model-parallel-size",
-            )
-            for d in diffs
+            d.split(":")[0] in ["--" + n.replace("_", "-") for n in LAYOUT_FIELDS] for d in diffs
         ):
             hint = (
                 " To continue at another TP/PP layout, convert the checkpoint first with "
-                "tools/checkpoint_reshard.py."
+                "megalite-reshard (tools/checkpoint_reshard.py)."
             )
         raise CheckpointError(
             f"checkpoint {path} does not match this run: " + "; ".join(diffs) + "." + hint
         )
+
+
+def upgrade_v1_meta(meta: dict) -> dict:
+    """A format-1 meta (flat argparse ``args``) in format 2's terms, for every reader."""
+    args = dict(meta["args"])
+    from megalite.config.fields import to_dict
+    from megalite.model.config import GPTConfig  # the model config is data, no loop involved
+
+    fields = {f for f in GPTConfig.__dataclass_fields__}
+    model = {k: v for k, v in args.items() if k in fields}
+    model["rotary_base"] = int(model.get("rotary_base", 10000))
+    if args.get("true_vocab_size"):
+        model["vocab_size"] = int(args["true_vocab_size"])
+    elif args.get("mock_data"):
+        model["vocab_size"] = args.get("vocab_size")
+    elif args.get("tokenizer_type", "NullTokenizer") == "NullTokenizer" and args.get("vocab_size"):
+        model["vocab_size"] = int(args["vocab_size"]) + 1
+    else:
+        model["vocab_size"] = None  # only the padded size is known
+    model["params_dtype"] = (
+        "bfloat16" if args.get("bf16") else "float16" if args.get("fp16") else "float32"
+    )
+    derived = {"padded_vocab_size", "true_vocab_size", "world_size", "data_parallel_size",
+               "num_microbatches", "virtual_pipeline_model_parallel_size"}  # fmt: skip
+    settings = {k: v for k, v in args.items() if k not in derived}
+    if settings.get("recompute_granularity") is None:
+        settings["recompute_granularity"] = "none"
+    out = {k: v for k, v in meta.items() if k != "args"}
+    out.update(
+        settings=settings,
+        model=to_dict(GPTConfig(**model)),
+        padded_vocab_size=args["padded_vocab_size"],
+        optimizer_sharded=args.get("zero_stage", 0) > 0,
+        upgraded_from_format=meta.get("format_version", 1),
+    )
+    return out
+
+
+def saved_model_config(meta: dict, **changes: Any):
+    """The GPTConfig a checkpoint was saved with (vocab = the tokenizer's, if known), with
+    `changes` applied (another split, dropout off, ...)."""
+    from megalite.model.config import GPTConfig
+
+    return GPTConfig(**{**meta["model"], **changes})
 
 
 def load_meta(root: str | os.PathLike) -> tuple[Optional[Path], Optional[dict]]:
@@ -309,6 +357,13 @@ def load_meta(root: str | os.PathLike) -> tuple[Optional[Path], Optional[dict]]:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from None
+    if "args" in meta and "model" not in meta:
+        try:
+            meta = upgrade_v1_meta(meta)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"{meta_path}: cannot read this format-1 checkpoint: {e}"
+            ) from None
     return folder, meta
 
 

@@ -1,0 +1,63 @@
+"""DataConfig: where the tokens come from and how they are tokenized (Megatron's flag names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megalite.config import ConfigError, option
+
+TOKENIZER_TYPES = (
+    "NullTokenizer",
+    "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
+    "Llama2Tokenizer",
+    "HuggingFaceTokenizer",
+    "GPT2BPETokenizer",
+    "TikTokenizer",
+)
+
+
+@dataclass
+class DataConfig:
+    """Datasets, split and tokenizer."""
+
+    data_path: Optional[list[str]] = option(
+        None, "PREFIX, or weighted: W1 PREFIX1 W2 PREFIX2 ...", nargs="+"
+    )
+    mock_data: bool = option(False, "synthetic, learnable token sequences (needs --vocab-size)")
+    split: str = option("969,30,1", "train,valid,test weights of the documents")
+    data_cache_path: Optional[str] = option(None, "where the sample index cache is written")
+    tokenizer_type: Optional[str] = option(
+        None,
+        "default NullTokenizer, or GPT2BPETokenizer when --vocab-file and --merge-file are given",
+        choices=TOKENIZER_TYPES,
+    )
+    tokenizer_model: Optional[str] = option(None, "tokenizer .model file, tokenizer.json or dir")
+    vocab_file: Optional[str] = option(None, "vocabulary file (GPT2BPETokenizer, TikTokenizer)")
+    merge_file: Optional[str] = option(None, "BPE merges file (GPT2BPETokenizer)")
+    vocab_size: Optional[int] = option(None, "vocabulary size for NullTokenizer / mock data")
+    tiktoken_pattern: Optional[str] = option(
+        None, "TikTokenizer split pattern (v1 or v2)", choices=("v1", "v2")
+    )
+    num_workers: int = option(2, "accepted; samples are read in the training process")
+    no_mmap_bin_files: bool = option(False, "accepted; .bin files are always memory-mapped")
+    no_create_attention_mask_in_dataloader: bool = option(
+        False, "accepted; attention is causal in the kernel, no mask is ever built"
+    )
+
+    def __post_init__(self) -> None:
+        self.split = self.split.strip().strip("'\"")  # shell-quoted in Megatron's examples
+        if self.tokenizer_type is None:
+            both = self.vocab_file is not None and self.merge_file is not None
+            self.tokenizer_type = "GPT2BPETokenizer" if both else "NullTokenizer"
+        if self.data_path is None and not self.mock_data:
+            raise ConfigError("give --data-path PREFIX (or --mock-data for synthetic tokens)")
+        if self.data_path and self.mock_data:
+            raise ConfigError("--data-path and --mock-data exclude each other")
+        if self.vocab_size is not None and self.vocab_size < 2:
+            raise ConfigError(f"--vocab-size {self.vocab_size} must be >= 2")
+        if self.tokenizer_type == "NullTokenizer" and self.vocab_size is None:
+            raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size")
+        if self.mock_data and self.vocab_size is None:
+            raise ConfigError("--mock-data needs --vocab-size")
