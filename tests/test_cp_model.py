@@ -29,7 +29,7 @@ TINY = dict(
     make_vocab_size_divisible_by=16, seq_length=16, ffn_hidden_size=64,
     hidden_dropout=0.0, attention_dropout=0.0,
 )  # fmt: skip
-ROPE_GQA = dict(TINY, position_embedding_type="rope", num_query_groups=2, activation="swiglu",
+ROPE_GQA = dict(TINY, position_embedding_type="rope", num_query_groups=2, swiglu=True,
                 normalization="RMSNorm")  # fmt: skip
 ROPE_MHA = dict(TINY, position_embedding_type="rope")
 

@@ -13,6 +13,8 @@ all-to-all attention, full recompute.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -37,7 +39,7 @@ LR, WD, CLIP = 3e-3, 0.1, 0.5
 BASE = dict(
     num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=96,
     make_vocab_size_divisible_by=16, seq_length=32, ffn_hidden_size=64, hidden_dropout=0.0,
-    attention_dropout=0.0, position_embedding_type="rope", activation="swiglu",
+    attention_dropout=0.0, position_embedding_type="rope", swiglu=True,
     normalization="RMSNorm",
 )  # fmt: skip
 
@@ -82,8 +84,9 @@ def _train(tp=1, pp=1, cp=2, vpp=None, zero=0, comm="p2p", **kw):
     dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
     chunks = [DistributedDataParallel(c, dp_cp, 2000, True, zero)
               for c in build_model(cfg, SEED, cp_comm_type=comm)]  # fmt: skip
+    groups = ps.get_model_parallel_groups()
     opt = build_optimizer(
-        OptimizerConfig(lr=LR, weight_decay=WD, clip_grad=CLIP, zero_stage=zero), chunks
+        OptimizerConfig(lr=LR, weight_decay=WD, clip_grad=CLIP, zero_stage=zero), chunks, groups
     )
     cp_rank = ps.get_context_parallel_rank()
     losses, norms = [], []
@@ -91,14 +94,14 @@ def _train(tp=1, pp=1, cp=2, vpp=None, zero=0, comm="p2p", **kw):
         mine = _global_batch(step, dp)[d * M * MB : (d + 1) * M * MB]
         tokens, labels = split(mine[:, :-1], cp, cp_rank), split(mine[:, 1:], cp, cp_rank)
         micro = [(tokens[i * MB : (i + 1) * MB], labels[i * MB : (i + 1) * MB]) for i in range(M)]
-        out = get_forward_backward_func()(
+        out = get_forward_backward_func(pp, vpp or 1)(
             _forward_step,
             [iter(micro) for _ in chunks] if vpp else iter(micro),
             chunks if vpp else chunks[0],
             M,
             tensor_shape=pipeline_tensor_shape(cfg, MB, cp),
             no_sync_func=[c.no_sync for c in chunks],
-            finalize_model_grads_func=finalize_model_grads,
+            finalize_model_grads_func=functools.partial(finalize_model_grads, groups=groups),
             grad_scale_func=opt.scale_loss,
         )
         updated, norm, _ = opt.step()

@@ -147,7 +147,7 @@ def _config(args, seq: int):
     return GPTConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         vocab_size=args.vocab, make_vocab_size_divisible_by=16, seq_length=seq,
-        position_embedding_type="rope", activation="swiglu", normalization="RMSNorm",
+        position_embedding_type="rope", swiglu=True, normalization="RMSNorm",
         hidden_dropout=0.0, attention_dropout=0.0,
     )  # fmt: skip
 
