@@ -41,7 +41,9 @@ def _batch(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _serial(cfg: GPTConfig):
-    ref_cfg = dataclasses.replace(cfg, tensor_model_parallel_size=1, sequence_parallel=False)
+    ref_cfg = dataclasses.replace(
+        cfg, tensor_model_parallel_size=1, sequence_parallel=False, context_parallel_size=1
+    )
     (model,) = build_model(ref_cfg, SEED, use_parallel_state=False)
     tokens, labels = _batch(cfg)
     loss = model(tokens, labels)
@@ -51,9 +53,10 @@ def _serial(cfg: GPTConfig):
 
 def _check_model(tp, cp, comm, kw):
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
-    cfg = GPTConfig(**kw, tensor_model_parallel_size=tp, sequence_parallel=tp > 1)
+    cfg = GPTConfig(**kw, tensor_model_parallel_size=tp, sequence_parallel=tp > 1,
+                    context_parallel_size=cp, cp_comm_type=comm)  # fmt: skip
     ref_loss, ref_grads = _serial(cfg)
-    (model,) = build_model(cfg, SEED, cp_comm_type=comm)
+    (model,) = build_model(cfg, SEED)
     cp_group, cp_rank = ps.get_context_parallel_group(), ps.get_context_parallel_rank()
     tokens, labels = (split(t, cp, cp_rank) for t in _batch(cfg))
     loss = model(tokens, labels)  # [b, s/cp]: this rank's tokens
@@ -89,16 +92,24 @@ def test_gpt_at_tp2_sp_cp2_equals_serial(comm, kw):
 
 def _refusals():
     ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
-    sp = dict(tensor_model_parallel_size=2, sequence_parallel=True)
+    sp = dict(tensor_model_parallel_size=2, sequence_parallel=True, context_parallel_size=2)
     with pytest.raises(ValueError, match=r"seq_length \(20\) must be divisible by 2 x context-"
                        r"parallel size \(2\) x tensor-model-parallel size \(2, sequence "
                        r"parallel\) = 8"):  # fmt: skip
-        build_model(GPTConfig(**dict(TINY, seq_length=20), **sp), SEED)
+        GPTConfig(**dict(TINY, seq_length=20), **sp)
     with pytest.raises(ValueError, match=r"num_query_groups \(2\) divisible by tensor-model-"
                        r"parallel size \(2\) x context-parallel size \(2\) = 4"):  # fmt: skip
-        build_model(GPTConfig(**ROPE_GQA, **sp), SEED, cp_comm_type="a2a")
-    with pytest.raises(ValueError, match=r"attention_dropout 0 \(got 0.1\)"):
-        build_model(GPTConfig(**dict(TINY, attention_dropout=0.1), **sp), SEED)
+        GPTConfig(**ROPE_GQA, **sp, cp_comm_type="a2a")
+    with pytest.raises(ValueError, match=r"--attention-dropout 0 \(got 0.1\)"):
+        GPTConfig(**dict(TINY, attention_dropout=0.1), **sp)
+    # The model checks too when built by hand (a CP group without a config that says so).
+    cfg = GPTConfig(**dict(TINY, seq_length=20, attention_dropout=0.1))
+    group = ps.get_context_parallel_group()
+    with pytest.raises(ValueError, match=r"seq_length \(20\) must be divisible by 2 x context-"):
+        build_model(cfg, SEED, use_parallel_state=False, cp_group=group)
+    with pytest.raises(ValueError, match=r"split for context-parallel size 1 but the parallel "
+                       r"state has 2"):  # fmt: skip
+        build_model(GPTConfig(**TINY, tensor_model_parallel_size=2), SEED)
     return True
 
 
@@ -110,7 +121,8 @@ def _bf16(comm):
     ps.initialize_model_parallel(context_parallel_size=2)
     cfg = GPTConfig(**ROPE_GQA, params_dtype=torch.bfloat16)
     (ref,) = build_model(cfg, SEED, use_parallel_state=False)
-    (model,) = build_model(cfg, SEED, cp_comm_type=comm)
+    cp_cfg = dataclasses.replace(cfg, context_parallel_size=2, cp_comm_type=comm)
+    (model,) = build_model(cp_cfg, SEED)
     tokens, labels = _batch(cfg)
     rank, group = ps.get_context_parallel_rank(), ps.get_context_parallel_group()
     loss = model(split(tokens, 2, rank), split(labels, 2, rank))

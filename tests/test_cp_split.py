@@ -7,8 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from megalite.config import ConfigError
+from megalite.config.parallel import ParallelConfig
 from megalite.context_parallel import (
-    ContextParallelConfig,
     check_seq_length,
     chunk_ids,
     position_ids,
@@ -77,7 +77,9 @@ def test_refusals_name_the_numbers():
         chunk_ids(2, 2)
     with pytest.raises(ValueError, match=r"batch entry 'mask' of shape \(4,\) has no dim 1"):
         split_batch({"mask": torch.zeros(4)}, 2, 0)
-    with pytest.raises(ConfigError, match=r"--context-parallel-size must be an integer >= 1"):
-        ContextParallelConfig(context_parallel_size=0)
-    with pytest.raises(ConfigError, match=r"--cp-comm-type must be one of p2p, a2a, got 'x'"):
-        ContextParallelConfig(cp_comm_type="x")
+    with pytest.raises(ConfigError, match=r"--context-parallel-size must be >= 1, got 0"):
+        ParallelConfig(context_parallel_size=0)
+    with pytest.raises(ConfigError, match=r"--cp-comm-type must be p2p or a2a, got 'x'"):
+        ParallelConfig(cp_comm_type="x")
+    with pytest.raises(ConfigError, match=r"--deepspeed with --context-parallel-size 2: "):
+        ParallelConfig(context_parallel_size=2, deepspeed=True, deepspeed_config="ds.json")

@@ -76,14 +76,14 @@ def _train(tp=1, pp=1, cp=2, vpp=None, zero=0, comm="p2p", **kw):
                                  context_parallel_size=cp)  # fmt: skip
     cfg = GPTConfig(
         **{**BASE, **kw}, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        sequence_parallel=tp > 1,
+        sequence_parallel=tp > 1, context_parallel_size=cp, cp_comm_type=comm,
         num_layers_per_virtual_pipeline_stage=BASE["num_layers"] // (pp * vpp) if vpp else None,
     )  # fmt: skip
     dp, d = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     ref_losses, ref_norms, ref_params = _serial(dp, kw)
     dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
     chunks = [DistributedDataParallel(c, dp_cp, 2000, True, zero)
-              for c in build_model(cfg, SEED, cp_comm_type=comm)]  # fmt: skip
+              for c in build_model(cfg, SEED)]  # fmt: skip
     groups = ps.get_model_parallel_groups()
     opt = build_optimizer(
         OptimizerConfig(lr=LR, weight_decay=WD, clip_grad=CLIP, zero_stage=zero), chunks, groups
@@ -99,7 +99,7 @@ def _train(tp=1, pp=1, cp=2, vpp=None, zero=0, comm="p2p", **kw):
             [iter(micro) for _ in chunks] if vpp else iter(micro),
             chunks if vpp else chunks[0],
             M,
-            tensor_shape=pipeline_tensor_shape(cfg, MB, cp),
+            tensor_shape=pipeline_tensor_shape(cfg, MB),
             no_sync_func=[c.no_sync for c in chunks],
             finalize_model_grads_func=functools.partial(finalize_model_grads, groups=groups),
             grad_scale_func=opt.scale_loss,

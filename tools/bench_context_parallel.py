@@ -141,14 +141,14 @@ def spawn(world: int, fn: Callable, *args) -> list:
 
 
 # --- the model ---------------------------------------------------------------------------------
-def _config(args, seq: int):
+def _config(args, seq: int, cp: int = 1, comm: str = "p2p"):
     from megalite.model import GPTConfig
 
     return GPTConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         vocab_size=args.vocab, make_vocab_size_divisible_by=16, seq_length=seq,
         position_embedding_type="rope", swiglu=True, normalization="RMSNorm",
-        hidden_dropout=0.0, attention_dropout=0.0,
+        hidden_dropout=0.0, attention_dropout=0.0, context_parallel_size=cp, cp_comm_type=comm,
     )  # fmt: skip
 
 
@@ -162,7 +162,7 @@ def _setup(args, seq: int, comm: str = "p2p"):
 
     cp = dist.get_world_size()
     ps.initialize_model_parallel(context_parallel_size=cp)
-    (model,) = build_model(_config(args, seq), 1234, cp_comm_type=comm)
+    (model,) = build_model(_config(args, seq, cp, comm), 1234)
     g = torch.Generator().manual_seed(99)
     t = torch.randint(0, args.vocab, (args.batch, seq + 1), generator=g)
     rank = ps.get_context_parallel_rank()

@@ -6,17 +6,17 @@
 * `ulysses`: all-to-all attention (``a2a``), heads traded for sequence and back;
 * `comm`: the ring send/recv and the autograd all-to-all they use.
 
-`context_parallel_attention` is what a model's core attention calls when CP > 1.
+`context_parallel_attention` is what a model's core attention calls when CP > 1. The settings
+are ``--context-parallel-size`` and ``--cp-comm-type`` (`megalite.config.parallel.ParallelConfig`),
+copied into the model's `GPTConfig` like the rest of the split.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from megalite.config import ConfigError, option
 from megalite.context_parallel.comm import group_size
 from megalite.context_parallel.ring import ring_attention
 from megalite.context_parallel.split import (
@@ -31,26 +31,6 @@ from megalite.context_parallel.split import (
 from megalite.context_parallel.ulysses import check_heads, ulysses_attention
 
 COMM_TYPES = ("p2p", "a2a")
-
-
-@dataclass
-class ContextParallelConfig:
-    """How each sequence is split over ranks (Megatron-LM's flags)."""
-
-    context_parallel_size: int = option(1, "ranks one sequence is split across (CP)")
-    cp_comm_type: str = option(
-        "p2p", "p2p: ring attention (any head count); a2a: all-to-all (Ulysses)",
-        choices=COMM_TYPES,
-    )  # fmt: skip
-
-    def __post_init__(self) -> None:
-        cp = self.context_parallel_size
-        if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
-            raise ConfigError(f"--context-parallel-size must be an integer >= 1, got {cp!r}")
-        if self.cp_comm_type not in COMM_TYPES:
-            raise ConfigError(
-                f"--cp-comm-type must be one of {', '.join(COMM_TYPES)}, got {self.cp_comm_type!r}"
-            )
 
 
 def context_parallel_attention(
@@ -81,7 +61,6 @@ def context_parallel_attention(
 
 __all__ = [
     "COMM_TYPES",
-    "ContextParallelConfig",
     "check_heads",
     "check_seq_length",
     "chunk_ids",

@@ -123,7 +123,6 @@ class GPTModel(nn.Module):
         share_embeddings: bool = False,
         device=None,
         cp_group=None,
-        cp_comm_type: str = "p2p",
     ):
         super().__init__()
         c = config
@@ -144,7 +143,7 @@ class GPTModel(nn.Module):
         self.decoder.layers = nn.ModuleDict(
             {
                 str(i): TransformerLayer(
-                    c, f"decoder.layers.{i}.", init, tp_group, device, cp_group, cp_comm_type
+                    c, f"decoder.layers.{i}.", init, tp_group, device, cp_group
                 )
                 for i in layer_ids
             }
@@ -251,12 +250,10 @@ class GPTModel(nn.Module):
         return x
 
 
-def pipeline_tensor_shape(
-    config: GPTConfig, micro_batch_size: int, context_parallel_size: int = 1
-) -> tuple[int, int, int]:
+def pipeline_tensor_shape(config: GPTConfig, micro_batch_size: int) -> tuple[int, int, int]:
     """The ``[s, b, h]`` crossing every stage boundary (``[s/tp, b, h]`` with SP, and ``/cp``
     with context parallelism): the schedules' `tensor_shape`."""
-    s = config.seq_length // context_parallel_size
+    s = config.seq_length // config.context_parallel_size
     if config.sequence_parallel and config.tensor_model_parallel_size > 1:
         s //= config.tensor_model_parallel_size
     return (s, micro_batch_size, config.hidden_size)
@@ -271,22 +268,26 @@ def build_model(
     device=None,
     use_parallel_state: bool = True,
     cp_group=None,
-    cp_comm_type: str = "p2p",
 ) -> list[GPTModel]:
     """This rank's model chunks (one per virtual stage, in chunk order).
 
     By default the TP group and the pipeline rank come from `megalite.parallel_state` and must
     agree with the sizes in `config`; ``use_parallel_state=False`` builds from `tp_group` and
     `pp_rank` alone (a single-process model: ``tp_group=None, pp_rank=0`` with TP = PP = 1).
-    The same `seed` gives the same full model at every layout. The CP group (from the parallel
-    state when it has CP > 1, else `cp_group`) and `cp_comm_type` select context-parallel
-    attention; the weights do not depend on CP.
+    The same `seed` gives the same full model at every layout. Context parallelism: the CP group
+    comes from the parallel state (``use_parallel_state=False``: `cp_group`, None for CP = 1),
+    the attention kind from ``config.cp_comm_type``; the weights do not depend on CP.
     """
     if use_parallel_state:
         from megalite import parallel_state as ps
 
-        if ps.get_context_parallel_world_size() > 1:
-            cp_group = ps.get_context_parallel_group()
+        cp = ps.get_context_parallel_world_size()
+        cp_group = ps.get_context_parallel_group() if cp > 1 else None
+        if cp != config.context_parallel_size:
+            raise ValueError(
+                f"GPTConfig is split for context-parallel size {config.context_parallel_size} "
+                f"but the parallel state has {cp}"
+            )
         tp_group = ps.get_tensor_model_parallel_group()
         pp_rank = ps.get_pipeline_model_parallel_rank()
         actual = (
@@ -320,7 +321,6 @@ def build_model(
             share_embeddings=pp > 1,
             device=device,
             cp_group=cp_group,
-            cp_comm_type=cp_comm_type,
         )
         for c in range(v)
     ]

@@ -106,21 +106,21 @@ class SelfAttention(nn.Module):
 
     With a CP group of 2+ ranks, ``s`` is this rank's load-balanced part of the sequence
     (`megalite.context_parallel.split`) and the core attention runs over the CP group
-    (`cp_comm_type` "p2p": ring, "a2a": all-to-all); the result equals full causal attention.
+    (``config.cp_comm_type`` "p2p": ring, "a2a": all-to-all); it equals full causal attention.
     """
 
     def __init__(
         self, config: GPTConfig, prefix: str, init: ParamInit, tp_group, device=None,
-        cp_group=None, cp_comm_type: str = "p2p",
+        cp_group=None,
     ):  # fmt: skip
         super().__init__()
         _, tp = group_rank_and_size(tp_group)
         c, d = config, config.head_dim
-        self.cp_group, self.cp_comm_type = cp_group, cp_comm_type
+        self.cp_group, self.cp_comm_type = cp_group, c.cp_comm_type
         cp = group_rank_and_size(cp_group)[1]
         if cp == 1:
             self.cp_group = None
-        elif cp_comm_type == "a2a":
+        elif c.cp_comm_type == "a2a":
             check_heads(c.num_attention_heads, c.num_query_groups, cp, tp)
         elif c.attention_dropout > 0:
             raise ValueError(
@@ -225,7 +225,7 @@ class TransformerLayer(nn.Module):
 
     def __init__(
         self, config: GPTConfig, prefix: str, init: ParamInit, tp_group, device=None,
-        cp_group=None, cp_comm_type: str = "p2p",
+        cp_group=None,
     ):  # fmt: skip
         super().__init__()
         c = config
@@ -239,7 +239,7 @@ class TransformerLayer(nn.Module):
 
         self.input_layernorm = norm()
         self.self_attention = SelfAttention(
-            c, prefix + "self_attention.", init, tp_group, device, cp_group, cp_comm_type
+            c, prefix + "self_attention.", init, tp_group, device, cp_group
         )
         self.pre_mlp_layernorm = norm()
         self.mlp = MLP(c, prefix + "mlp.", init, tp_group, device)
