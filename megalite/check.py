@@ -12,6 +12,7 @@ Layout syntax: parts glued together in any order, each size defaulting to 1::
 
     tpN   tensor-parallel size          ppN   pipeline stages       vpN  model chunks per stage
     dpN   data-parallel size            zN    megalite ZeRO stage   dsN  DeepSpeed ZeRO stage
+    cpN   context-parallel size         a2a   all-to-all CP attention (default: ring)
     sp    sequence parallelism          bf16  bf16 (compared with a one-process bf16 run)
     1     the one-process layout itself
 
@@ -41,14 +42,14 @@ from typing import Optional
 # The issue's parity matrix: every parallel dimension alone, then their combinations.
 STANDARD_MATRIX = (
     "tp2 tp4 tp2sp pp2 pp4 pp2vp2 dp2 dp2z1 dp2z2 tp2pp2 tp2dp2 pp2dp2 tp2pp2dp2z1 "
-    "dp2ds1 dp2ds2 dp2ds3 tp2pp2bf16"
+    "dp2ds1 dp2ds2 dp2ds3 tp2pp2bf16 cp2 cp4 cp2a2a tp2cp2sp pp2cp2 cp2dp2z1"
 ).split()
 FP32_TOLERANCE = 1e-5
 # bf16 keeps 8 mantissa bits: TP splits the sums and rounds partial products differently, so a
 # layout moves the loss by bf16 round-off, not fp32's. The bound is about half a bf16 ulp (2^-9);
 # the tiny model at tp2pp2 deviates by 7e-5 over 10 iterations.
 BF16_TOLERANCE = 2e-3
-_PART = re.compile(r"(tp|pp|vp|dp|ds|z)(\d+)|(sp)|(bf16)")
+_PART = re.compile(r"(tp|pp|vp|dp|ds|cp|z)(\d+)|(sp)|(bf16)|(a2a)")
 
 
 class LayoutSyntaxError(ValueError):
@@ -75,15 +76,21 @@ class Layout:
     """DeepSpeed ZeRO stage (0-3); None: megalite's DDP/optimizer"""
     bf16: bool = False
     """train in bf16 instead of fp32"""
+    cp: int = 1
+    """context-parallel size"""
+    a2a: bool = False
+    """all-to-all context-parallel attention (--cp-comm-type a2a; needs cp > 1)"""
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
 
     @property
     def name(self) -> str:
         parts = [f"{k}{v}" for k, v in (("tp", self.tp), ("pp", self.pp)) if v > 1]
         parts += [f"vp{self.vp}"] if self.vp > 1 else []
+        parts += [f"cp{self.cp}"] if self.cp > 1 else []
+        parts += ["a2a"] if self.a2a else []
         parts += [f"dp{self.dp}"] if self.dp > 1 else []
         parts += ["sp"] if self.sp else []
         parts += [f"z{self.zero}"] if self.zero else []
@@ -107,9 +114,10 @@ def parse_layout(text: str) -> Layout:
         m = _PART.match(s, pos)
         if m is None:
             raise LayoutSyntaxError(
-                f"layout {text!r}: cannot read {s[pos:]!r} (parts: tpN ppN vpN dpN zN dsN sp bf16)"
+                f"layout {text!r}: cannot read {s[pos:]!r} "
+                "(parts: tpN ppN vpN cpN dpN zN dsN sp bf16 a2a)"
             )
-        key = m.group(1) or m.group(3) or m.group(4)
+        key = m.group(1) or m.group(3) or m.group(4) or m.group(5)
         if key in values:
             raise LayoutSyntaxError(f"layout {text!r}: {key} given twice")
         values[key] = int(m.group(2)) if m.group(2) is not None else True
@@ -123,8 +131,11 @@ def parse_layout(text: str) -> Layout:
         zero=values.get("z", 0),
         ds=values.get("ds"),
         bf16=values.get("bf16", False),
+        cp=values.get("cp", 1),
+        a2a=values.get("a2a", False),
     )
-    problems = [f"{k} must be >= 1" for k in ("tp", "pp", "vp", "dp") if values.get(k, 1) < 1]
+    problems = [f"{k} must be >= 1" for k in ("tp", "pp", "vp", "dp", "cp") if values.get(k, 1) < 1]
+    problems += ["a2a needs cp > 1"] if layout.a2a and layout.cp == 1 else []
     problems += ["z must be 0, 1 or 2"] if layout.zero > 2 else []
     problems += ["ds must be 0-3"] if layout.ds is not None and layout.ds > 3 else []
     problems += ["sp needs tp > 1"] if layout.sp and layout.tp == 1 else []
@@ -181,6 +192,8 @@ def pretrain_argv(layout: Layout, spec: ModelSpec, workdir: Path) -> list[str]:
             )
         argv.append(f"--num-layers-per-virtual-pipeline-stage={per_chunk}")
     argv += ["--sequence-parallel"] if layout.sp else []
+    argv += [f"--context-parallel-size={layout.cp}"] if layout.cp > 1 else []
+    argv += ["--cp-comm-type=a2a"] if layout.a2a else []
     argv += [f"--zero-stage={layout.zero}"] if layout.zero else []
     argv += ["--bf16"] if layout.bf16 else []
     if layout.ds is not None:

@@ -124,3 +124,24 @@ def test_checkpoint_at_cp2_resumes_at_cp1_and_cp4(reference, tmp_path):
 def test_bad_cp_flags_are_refused_with_the_numbers(flags, world, message):
     with pytest.raises(ConfigError, match=message):
         resolved_config(BASE + flags.split(), world)
+
+
+def test_megalite_check_runs_cp_layouts(tmp_path):
+    from megalite.check import (
+        STANDARD_MATRIX,
+        LayoutSyntaxError,
+        ModelSpec,
+        parse_layout,
+        preflight,
+        pretrain_argv,
+    )
+
+    cp_layouts = [parse_layout(n) for n in STANDARD_MATRIX if "cp" in n]
+    assert {lay.name for lay in cp_layouts} >= {"cp2", "cp2a2a", "tp2cp2sp", "pp2cp2"}
+    lay = parse_layout("tp2cp2spa2a")
+    assert (lay.world_size, lay.name) == (4, "tp2cp2a2asp")
+    argv = pretrain_argv(lay, ModelSpec(), tmp_path)
+    assert "--context-parallel-size=2" in argv and "--cp-comm-type=a2a" in argv
+    assert preflight(cp_layouts, ModelSpec(), tmp_path) == []
+    with pytest.raises(LayoutSyntaxError, match="a2a needs cp > 1"):
+        parse_layout("tp2a2a")
