@@ -174,7 +174,7 @@ PINNED_FLAGS = """
 --no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-swiglu-fusion --no-bias-dropout-fusion
 --no-rope-fusion --no-gradient-accumulation-fusion --use-flash-attn --transformer-impl
 --fp8-format --fp8-amax-history-len --fp8-amax-compute-algo --fp8-param-gather
---context-parallel-size --log-num-zeros-in-grad
+--context-parallel-size --log-num-zeros-in-grad --cp-comm-type
 """.split()
 
 

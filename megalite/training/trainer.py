@@ -145,7 +145,9 @@ class Trainer:
 
             print("resolved configuration:\n" + dump_yaml(cfg), flush=True)
 
-        seed_everything(cfg.training.seed, self.tp_rank, self.pp_rank)
+        # CP ranks hold different tokens: their dropout masks must differ too. 7919 (prime, more
+        # than 100 x any PP size) keeps (CP, PP) offsets apart; CP = 1 keeps the old seeds.
+        seed_everything(cfg.training.seed + 7919 * self.cp_rank, self.tp_rank, self.pp_rank)
         self.config: GPTConfig = cfg.model_config(tokenizer_vocab_size(cfg))
         chunks = build_model(self.config, cfg.training.seed, device=self.device)
         self.iteration, self.consumed, self.consumed_valid = 0, 0, 0
