@@ -103,9 +103,9 @@ def _refusals():
     with pytest.raises(ValueError, match=r"--attention-dropout 0 \(got 0.1\)"):
         GPTConfig(**dict(TINY, attention_dropout=0.1), **sp)
     # The model checks too when built by hand (a CP group without a config that says so).
-    cfg = GPTConfig(**dict(TINY, seq_length=20, attention_dropout=0.1))
+    cfg = GPTConfig(**dict(TINY, seq_length=18, attention_dropout=0.1))
     group = ps.get_context_parallel_group()
-    with pytest.raises(ValueError, match=r"seq_length \(20\) must be divisible by 2 x context-"):
+    with pytest.raises(ValueError, match=r"seq_length \(18\) must be divisible by 2 x context-"):
         build_model(cfg, SEED, use_parallel_state=False, cp_group=group)
     with pytest.raises(ValueError, match=r"split for context-parallel size 1 but the parallel "
                        r"state has 2"):  # fmt: skip
