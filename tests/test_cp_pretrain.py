@@ -36,10 +36,13 @@ def _pretrain(argv):
     return pretrain(argv)
 
 
-def _run(world: int, metrics: Path, *flags: str) -> dict[int, tuple[float, float]]:
+def _run(world: int, metrics: Path, *flags: str, split=None) -> dict[int, tuple[float, ...]]:
+    """Train; {iteration: (lm_loss, grad_norm)} (``split="valid"``: {iteration: (lm_loss,)})."""
     argv = BASE + [f for f in " ".join(flags).split() if f] + ["--metrics-file", str(metrics)]
     assert run_distributed(world, _pretrain, argv, timeout=300) == [0] * world
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    if split is not None:
+        return {r["iteration"]: (r["lm_loss"],) for r in rows if r.get("split") == split}
     return {r["iteration"]: (r["lm_loss"], r["grad_norm"]) for r in rows if "split" not in r}
 
 
@@ -63,6 +66,12 @@ def test_cp2_ring_and_all_to_all_match_cp1(reference, tmp_path):
     _assert_same(_run(2, tmp_path / "p2p.jsonl", "--context-parallel-size 2"), reference, "cp2")
     got = _run(2, tmp_path / "a2a.jsonl", "--context-parallel-size 2 --cp-comm-type a2a")
     _assert_same(got, reference, "cp2 a2a")
+    # Evaluation splits its batches too: the validation loss is CP 1's.
+    evals = "--eval-iters 2 --eval-interval 4"
+    want = _run(1, tmp_path / "e1.jsonl", evals, split="valid")
+    got = _run(2, tmp_path / "e2.jsonl", evals, "--context-parallel-size 2", split="valid")
+    assert sorted(want) == [4, 8]
+    _assert_same(got, want, "cp2 validation loss")
 
 
 @pytest.mark.slow
