@@ -105,9 +105,48 @@ def _refusals(cp):
     local = [t[:, :, : S // cp] for t in (q, k, v)]
     with pytest.raises(ValueError, match=r"num_attention_heads \(6\) divisible by .* = 4"):
         context_parallel_attention(*local, group, "a2a")
-    with pytest.raises(ValueError, match=r"no attention dropout \(got 0.1\)"):
-        context_parallel_attention(*local, group, "p2p", dropout_p=0.1)
     return True
+
+
+def _dropout_gradients(cp):
+    """Ring attention with dropout, in fp64: analytic input gradients equal central finite
+    differences of L = sum over ranks of <out_r, w_r> (the same masks every call: the seed is
+    drawn from a torch stream reset before each call), and dropout does drop."""
+    ps.initialize_model_parallel(context_parallel_size=cp)
+    group, rank = ps.get_context_parallel_group(), ps.get_context_parallel_rank()
+    q, k, v, w = (t.double() for t in _full(4, 2, seed=3, seq=16))
+    local = [split(t, cp, rank, seq_dim=2).requires_grad_() for t in (q, k, v)]
+    w = split(w, cp, rank, seq_dim=2)
+
+    def loss(inputs, p=0.3):
+        torch.manual_seed(11)
+        out = ring_attention(*inputs, group, dropout_p=p)
+        total = (out * w).sum()
+        whole = total.detach().clone()
+        torch.distributed.all_reduce(whole, group=group)
+        return total, whole, out
+
+    total, _, out = loss(local)
+    total.backward()
+    assert not torch.allclose(out, loss(local, p=0.0)[2])  # something was dropped
+    assert_close(out, loss(local)[2], rtol=0, atol=0)  # same seed, same masks
+    eps = 1e-6
+    for src in range(cp):  # perturb one element of q, k, v on CP rank `src`
+        for which, idx in ((0, (0, 1, 3, 2)), (1, (0, 1, 5, 0)), (2, (0, 0, 7, 3))):
+            got = torch.tensor(local[which].grad[idx].item() if rank == src else 0.0).double()
+            torch.distributed.all_reduce(got, group=group)
+            diffs = []
+            for sign in (1, -1):
+                moved = [t.detach().clone() for t in local]
+                if rank == src:
+                    moved[which][idx] += sign * eps
+                diffs.append(loss(moved)[1])
+            assert_close(got, (diffs[0] - diffs[1]) / (2 * eps), rtol=1e-6, atol=1e-8)
+    return True
+
+
+def test_ring_attention_dropout_gradients_are_exact():
+    assert all(run_distributed(2, _dropout_gradients, 2))
 
 
 def test_a2a_refuses_heads_not_divisible_by_cp():

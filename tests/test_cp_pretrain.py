@@ -122,8 +122,6 @@ def test_checkpoint_at_cp2_resumes_at_cp1_and_cp4(reference, tmp_path):
         ("--context-parallel-size 4 --cp-comm-type a2a", 4,
          r"num_query_groups \(2\) divisible by tensor-model-parallel size \(1\) x "
          r"context-parallel size \(4\) = 4"),
-        ("--context-parallel-size 2 --attention-dropout 0.1", 2,
-         r"--cp-comm-type p2p \(ring attention\) has no attention dropout"),
         ("--context-parallel-size 2 --deepspeed --deepspeed_config ds.json", 2,
          r"--deepspeed with --context-parallel-size 2"),
         ("--context-parallel-size 3", 4, r"world size 4 is not divisible .* context-parallel "
@@ -154,3 +152,16 @@ def test_megalite_check_runs_cp_layouts(tmp_path):
     assert preflight(cp_layouts, ModelSpec(), tmp_path) == []
     with pytest.raises(LayoutSyntaxError, match="a2a needs cp > 1"):
         parse_layout("tp2a2a")
+
+
+@pytest.mark.slow
+def test_cp2_with_dropout_resumes_bit_identically(tmp_path):
+    """Dropout on (ring attention dropout and hidden dropout, streams per CP rank): 8 iterations
+    straight == 4 + save + resume + 4, the RNG states coming back from the checkpoint."""
+    flags = "--context-parallel-size 2 --attention-dropout 0.1 --hidden-dropout 0.1"
+    straight = _run(2, tmp_path / "s.jsonl", flags)
+    ck = tmp_path / "ck"
+    first = _run(2, tmp_path / "a.jsonl", flags, f"--save {ck} --exit-interval 4")
+    second = _run(2, tmp_path / "b.jsonl", flags, f"--load {ck}")
+    assert {**first, **second} == straight
+    assert straight[ITERS][0] < straight[1][0]

@@ -48,12 +48,7 @@ def context_parallel_attention(
     attention on the whole sequence, then `split`.
     """
     if comm_type == "p2p":
-        if dropout_p > 0:
-            raise ValueError(
-                f"cp_comm_type 'p2p' has no attention dropout (got {dropout_p}): set "
-                f"--attention-dropout 0 or use cp_comm_type 'a2a'"
-            )
-        return ring_attention(q, k, v, group, scale)
+        return ring_attention(q, k, v, group, scale, dropout_p)
     if comm_type == "a2a":
         return ulysses_attention(q, k, v, group, dropout_p, scale)
     raise ValueError(f"cp_comm_type must be one of {COMM_TYPES}, got {comm_type!r}")

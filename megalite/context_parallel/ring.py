@@ -24,7 +24,8 @@ after CP steps plus one last send, every rank holds the full gradient of its own
 
 Grouped-query attention: only the ``g`` key/value heads travel; queries are viewed as
 ``[b, g, n/g, s, d]`` and broadcast against them, so keys are never repeated in memory.
-Computation is in fp32 whatever the input dtype (bf16 in, bf16 out).
+Computation is in fp32 whatever the input dtype (bf16 in, bf16 out; fp64 stays fp64). Attention
+dropout masks each tile from a generator seeded by (per-call seed, block, tile): no mask is kept.
 """
 
 from __future__ import annotations
@@ -85,27 +86,57 @@ def _scores(q, k, scale: float, i0: int, causal: bool) -> torch.Tensor:
     return s
 
 
-def _block_forward(q, k, v, scale, causal):
-    """``q [b, g, r, sq, d]``, ``k, v [b, g, sk, d]`` -> out ``[b, g, r, sq, d]``, lse."""
+def _dropout_scale(drop, src: int, i0: int, p: torch.Tensor) -> Optional[torch.Tensor]:
+    """Attention dropout of one tile: ``keep / (1 - rate)`` (None without dropout).
+
+    `drop` is ``(rate, seed)``; the mask comes from a generator seeded by (seed, key/value block,
+    first query row), so backward regenerates exactly the forward's mask.
+    """
+    if drop is None:
+        return None
+    rate, seed = drop
+    g = torch.Generator(device=p.device)
+    g.manual_seed(((seed * 1_000_003 + src) * 1_000_033 + i0) % 2**63)
+    keep = torch.rand(p.shape, generator=g, device=p.device, dtype=p.dtype) >= rate
+    return keep.to(p.dtype).mul_(1.0 / (1.0 - rate))
+
+
+def _block_forward(q, k, v, scale, causal, drop=None, src=0):
+    """``q [b, g, r, sq, d]``, ``k, v [b, g, sk, d]`` -> out ``[b, g, r, sq, d]``, lse.
+
+    With dropout the block's output is ``dropout(P) @ v``; merging by the log-sum-exp rule is
+    linear in it, so the result is dropout of the full softmax, as in a flash kernel."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=q.dtype, device=q.device)
     for i0, i1, cols in _tiles(q, k.shape[2], causal):
         s = _scores(q[..., i0:i1, :], k[:, :, :cols], scale, i0, causal)
         lse[..., i0:i1] = torch.logsumexp(s, dim=-1)
         p = s.sub_(lse[..., i0:i1].unsqueeze(-1)).exp_()  # in place: one score-sized buffer
+        mask = _dropout_scale(drop, src, i0, p)
+        if mask is not None:
+            p.mul_(mask)
         out[..., i0:i1, :] = torch.matmul(p, v[:, :, :cols].unsqueeze(2))
     return out, lse
 
 
-def _block_backward(q, k, v, dout, lse, delta, scale, causal):
-    """Gradients of one block given the final `lse` and ``delta = rowsum(dout * out)``."""
+def _block_backward(q, k, v, dout, lse, delta, scale, causal, drop=None, src=0):
+    """Gradients of one block given the final `lse` and ``delta = rowsum(dout * out)``.
+
+    Dropout (mask D = keep / (1 - rate)): ``dv = (D P)^T dout``, ``dP = D (dout v^T)``, and
+    ``delta`` is still ``rowsum(dout * out)`` since ``out = (D P) v``."""
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for i0, i1, cols in _tiles(q, k.shape[2], causal):
         q_t, do_t = q[..., i0:i1, :], dout[..., i0:i1, :]
         k_t, v_t = k[:, :, :cols], v[:, :, :cols]
         p = _scores(q_t, k_t, scale, i0, causal).sub_(lse[..., i0:i1].unsqueeze(-1)).exp_()
-        dv[:, :, :cols] += torch.matmul(p.transpose(-1, -2), do_t).sum(2)
+        mask = _dropout_scale(drop, src, i0, p)
+        p_used = p if mask is None else p * mask
+        dv[:, :, :cols] += torch.matmul(p_used.transpose(-1, -2), do_t).sum(2)
+        del p_used
         dp = torch.matmul(do_t, v_t.unsqueeze(2).transpose(-1, -2))
+        if mask is not None:
+            dp.mul_(mask)
+            del mask
         ds = dp.sub_(delta[..., i0:i1].unsqueeze(-1)).mul_(p).mul_(scale)  # in dp's buffer
         del p
         dq[..., i0:i1, :] = torch.matmul(ds, k_t.unsqueeze(2))
@@ -119,19 +150,22 @@ class RingAttention(torch.autograd.Function):
     ring again with their dK/dV accumulators."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, scale: float):
+    def forward(ctx, q, k, v, group, scale: float, dropout_p: float = 0.0):
         ring = Ring(group)
         b, n, s, d = q.shape
         g = k.shape[1]
-        qf = q.float().reshape(b, g, n // g, s, d)
+        ct = _compute_dtype(q)
+        # One seed per call from the caller's RNG stream (replayed by activation recompute).
+        drop = (dropout_p, int(torch.randint(2**62, (1,)).item())) if dropout_p > 0 else None
+        qf = q.to(ct).reshape(b, g, n // g, s, d)
         kv = torch.stack([k, v])  # what travels: only the g key/value heads
         out = lse = None
         for step in range(ring.size):
             pending = ring.shift(kv) if step + 1 < ring.size else None
             src = (ring.rank - step) % ring.size
             rows, cols, causal = block_plan(ring.size, ring.rank, src)
-            kb, vb = (_halves(t.float(), cols, 2) for t in kv)
-            o, l = _block_forward(_halves(qf, rows, 3), kb, vb, scale, causal)
+            kb, vb = (_halves(t.to(ct), cols, 2) for t in kv)
+            o, l = _block_forward(_halves(qf, rows, 3), kb, vb, scale, causal, drop, src)
             if out is None:  # step 0 covers every row (each token sees itself)
                 out, lse = o, l
             else:
@@ -145,7 +179,7 @@ class RingAttention(torch.autograd.Function):
                 kv = pending.wait()
         result = out.reshape(b, n, s, d).to(q.dtype)
         ctx.save_for_backward(q, k, v, result, lse)
-        ctx.group, ctx.scale = group, scale
+        ctx.group, ctx.scale, ctx.drop = group, scale, drop
         return result
 
     @staticmethod
@@ -154,9 +188,10 @@ class RingAttention(torch.autograd.Function):
         ring, scale = Ring(ctx.group), ctx.scale
         b, n, s, d = q.shape
         g = k.shape[1]
-        qf = q.float().reshape(b, g, n // g, s, d)
-        do = dout.float().reshape(b, g, n // g, s, d)
-        delta = (do * out.float().reshape(b, g, n // g, s, d)).sum(-1)
+        ct = _compute_dtype(q)
+        qf = q.to(ct).reshape(b, g, n // g, s, d)
+        do = dout.to(ct).reshape(b, g, n // g, s, d)
+        delta = (do * out.to(ct).reshape(b, g, n // g, s, d)).sum(-1)
         dq = torch.zeros_like(qf)
         kv = torch.stack([k, v])
         travelling: Optional[object] = None  # the dK/dV accumulator in flight
@@ -164,13 +199,15 @@ class RingAttention(torch.autograd.Function):
             pending_kv = ring.shift(kv, tag=1) if step + 1 < ring.size else None
             src = (ring.rank - step) % ring.size
             rows, cols, causal = block_plan(ring.size, ring.rank, src)
-            kb, vb = (_halves(t.float(), cols, 2) for t in kv)
+            kb, vb = (_halves(t.to(ct), cols, 2) for t in kv)
             args = (_halves(t, rows, 3) for t in (qf, do, lse, delta))
             q_r, do_r, lse_r, delta_r = args
-            dq_b, dk_b, dv_b = _block_backward(q_r, kb, vb, do_r, lse_r, delta_r, scale, causal)
+            dq_b, dk_b, dv_b = _block_backward(
+                q_r, kb, vb, do_r, lse_r, delta_r, scale, causal, ctx.drop, src
+            )
             _halves(dq, rows, 3).add_(dq_b)
             if travelling is None:  # step 0: our own block starts its accumulator here
-                dkv = torch.zeros(2, b, g, s, d, dtype=torch.float32, device=q.device)
+                dkv = torch.zeros(2, b, g, s, d, dtype=ct, device=q.device)
             else:  # what the previous ranks added to this block
                 dkv = travelling.wait()
             _halves(dkv[0], cols, 2).add_(dk_b)
@@ -180,16 +217,26 @@ class RingAttention(torch.autograd.Function):
                 kv = pending_kv.wait()
         dkv = travelling.wait()  # after CP steps, our own block's gradient comes home
         dq = dq.reshape(b, n, s, d).to(q.dtype)
-        return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def ring_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, scale: Optional[float] = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Exact causal attention of the load-balanced local sequences over the CP `group`.
 
     ``q [b, n, s/cp, d]``, ``k, v [b, g, s/cp, d]`` with ``g`` dividing ``n`` -> ``[b, n, s/cp,
-    d]``; `scale` defaults to ``1/sqrt(d)``.
+    d]``; `scale` defaults to ``1/sqrt(d)``. `dropout_p`: attention dropout, its seed drawn from
+    the caller's torch RNG stream.
     """
     n, g = q.shape[1], k.shape[1]
     if n % g != 0:
@@ -200,4 +247,4 @@ def ring_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     if dist.get_world_size(group) == 1:
         raise ValueError("ring attention needs a CP group of 2 ranks or more")
-    return RingAttention.apply(q, k, v, group, scale)
+    return RingAttention.apply(q, k, v, group, scale, dropout_p)

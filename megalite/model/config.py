@@ -178,11 +178,6 @@ class GPTConfig:
                 check_heads(self.num_attention_heads, self.num_query_groups, cp, tp)
         except ValueError as e:
             raise ConfigError(f"--context-parallel-size {cp}: {e}") from None
-        if self.cp_comm_type == "p2p" and self.attention_dropout > 0:
-            raise ConfigError(
-                f"--cp-comm-type p2p (ring attention) has no attention dropout: give "
-                f"--attention-dropout 0 (got {self.attention_dropout}) or --cp-comm-type a2a"
-            )
 
     def _check_layout(self) -> None:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size

@@ -122,11 +122,6 @@ class SelfAttention(nn.Module):
             self.cp_group = None
         elif c.cp_comm_type == "a2a":
             check_heads(c.num_attention_heads, c.num_query_groups, cp, tp)
-        elif c.attention_dropout > 0:
-            raise ValueError(
-                f"cp_comm_type 'p2p' (ring attention) has no attention dropout: set "
-                f"attention_dropout 0 (got {c.attention_dropout}) or use cp_comm_type 'a2a'"
-            )
         self.heads_per_group = c.num_attention_heads // c.num_query_groups
         self.local_groups = c.num_query_groups // tp
         self.head_dim, self.dropout = d, c.attention_dropout
