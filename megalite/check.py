@@ -4,7 +4,7 @@ Trains one small GPT (same seed, same mock data, dropout off) for N iterations a
 layout, spawning the ranks itself (one process per rank on this machine, gloo, or NCCL when there
 is a GPU per rank), and compares the loss of every iteration with a one-process run::
 
-    megalite-check --all                         # the standard matrix (below), ~3.5 min on 2 cores
+    megalite-check --all                         # the standard matrix (below), ~5 min on 2 cores
     megalite-check tp2 pp2vp2 tp2pp2dp2z1        # chosen layouts
     megalite-check --hidden-size 64 tp4 -- --swiglu --normalization RMSNorm   # any model flags
 
@@ -12,8 +12,10 @@ Layout syntax: parts glued together in any order, each size defaulting to 1::
 
     tpN   tensor-parallel size          ppN   pipeline stages       vpN  model chunks per stage
     dpN   data-parallel size            zN    megalite ZeRO stage   dsN  DeepSpeed ZeRO stage
-    cpN   context-parallel size         a2a   all-to-all CP attention (default: ring)
+    cpN   context-parallel size         ulysses  all-to-all CP attention (default: ring)
     sp    sequence parallelism          bf16  bf16 (compared with a one-process bf16 run)
+    epN   MoE (4 experts, top-2, aux and z losses) split over N expert-parallel ranks; the
+          reference is the one-process MoE model      a2a  the all-to-all token dispatcher
     1     the one-process layout itself
 
 so ``tp2pp2dp2z1`` is 8 ranks, ``dp2ds3`` DeepSpeed ZeRO-3 over 2 ranks. Exit status 0 when every
@@ -42,14 +44,19 @@ from typing import Optional
 # The issue's parity matrix: every parallel dimension alone, then their combinations.
 STANDARD_MATRIX = (
     "tp2 tp4 tp2sp pp2 pp4 pp2vp2 dp2 dp2z1 dp2z2 tp2pp2 tp2dp2 pp2dp2 tp2pp2dp2z1 "
-    "dp2ds1 dp2ds2 dp2ds3 tp2pp2bf16 cp2 cp4 cp2a2a tp2cp2sp pp2cp2 cp2dp2z1"
+    "dp2ds1 dp2ds2 dp2ds3 tp2pp2bf16 dp2ep2 tp2dp2ep2sp pp2dp2ep2z1a2a "
+    "cp2 cp4 cp2ulysses tp2cp2sp pp2cp2 cp2dp2z1"
+).split()
+# The MoE of the ep layouts: small enough for the tiny model, every loss term on.
+MOE_FLAGS = (
+    "--num-experts=4 --moe-router-topk=2 --moe-aux-loss-coeff=1e-2 --moe-z-loss-coeff=1e-3"
 ).split()
 FP32_TOLERANCE = 1e-5
 # bf16 keeps 8 mantissa bits: TP splits the sums and rounds partial products differently, so a
 # layout moves the loss by bf16 round-off, not fp32's. The bound is about half a bf16 ulp (2^-9);
 # the tiny model at tp2pp2 deviates by 7e-5 over 10 iterations.
 BF16_TOLERANCE = 2e-3
-_PART = re.compile(r"(tp|pp|vp|dp|ds|cp|z)(\d+)|(sp)|(bf16)|(a2a)")
+_PART = re.compile(r"(tp|pp|vp|dp|ds|z|ep|cp)(\d+)|(sp)|(bf16)|(a2a)|(ulysses)")
 
 
 class LayoutSyntaxError(ValueError):
@@ -76,9 +83,13 @@ class Layout:
     """DeepSpeed ZeRO stage (0-3); None: megalite's DDP/optimizer"""
     bf16: bool = False
     """train in bf16 instead of fp32"""
+    ep: Optional[int] = None
+    """MoE with this expert-model-parallel size; None: the dense model"""
+    a2a: bool = False
+    """MoE with the all-to-all token dispatcher (default all-gather)"""
     cp: int = 1
     """context-parallel size"""
-    a2a: bool = False
+    ulysses: bool = False
     """all-to-all context-parallel attention (--cp-comm-type a2a; needs cp > 1)"""
 
     @property
@@ -90,17 +101,19 @@ class Layout:
         parts = [f"{k}{v}" for k, v in (("tp", self.tp), ("pp", self.pp)) if v > 1]
         parts += [f"vp{self.vp}"] if self.vp > 1 else []
         parts += [f"cp{self.cp}"] if self.cp > 1 else []
-        parts += ["a2a"] if self.a2a else []
+        parts += ["ulysses"] if self.ulysses else []
         parts += [f"dp{self.dp}"] if self.dp > 1 else []
+        parts += [f"ep{self.ep}"] if self.ep is not None else []
         parts += ["sp"] if self.sp else []
         parts += [f"z{self.zero}"] if self.zero else []
         parts += [f"ds{self.ds}"] if self.ds is not None else []
         parts += ["bf16"] if self.bf16 else []
+        parts += ["a2a"] if self.a2a else []
         return "".join(parts) or "1"
 
     def reference(self) -> Layout:
-        """The one-process layout this one is compared with (same precision)."""
-        return Layout(bf16=self.bf16)
+        """The one-process layout this one is compared with (same precision, same model)."""
+        return Layout(bf16=self.bf16, ep=None if self.ep is None else 1)
 
 
 def parse_layout(text: str) -> Layout:
@@ -115,9 +128,9 @@ def parse_layout(text: str) -> Layout:
         if m is None:
             raise LayoutSyntaxError(
                 f"layout {text!r}: cannot read {s[pos:]!r} "
-                "(parts: tpN ppN vpN cpN dpN zN dsN sp bf16 a2a)"
+                "(parts: tpN ppN vpN cpN dpN epN zN dsN sp bf16 a2a ulysses)"
             )
-        key = m.group(1) or m.group(3) or m.group(4) or m.group(5)
+        key = m.group(1) or m.group(3) or m.group(4) or m.group(5) or m.group(6)
         if key in values:
             raise LayoutSyntaxError(f"layout {text!r}: {key} given twice")
         values[key] = int(m.group(2)) if m.group(2) is not None else True
@@ -132,14 +145,19 @@ def parse_layout(text: str) -> Layout:
         ds=values.get("ds"),
         bf16=values.get("bf16", False),
         cp=values.get("cp", 1),
+        ulysses=values.get("ulysses", False),
+        ep=values.get("ep"),
         a2a=values.get("a2a", False),
     )
     problems = [f"{k} must be >= 1" for k in ("tp", "pp", "vp", "dp", "cp") if values.get(k, 1) < 1]
-    problems += ["a2a needs cp > 1"] if layout.a2a and layout.cp == 1 else []
+    problems += ["ulysses needs cp > 1"] if layout.ulysses and layout.cp == 1 else []
     problems += ["z must be 0, 1 or 2"] if layout.zero > 2 else []
     problems += ["ds must be 0-3"] if layout.ds is not None and layout.ds > 3 else []
     problems += ["sp needs tp > 1"] if layout.sp and layout.tp == 1 else []
     problems += ["vp needs pp > 1"] if layout.vp > 1 and layout.pp == 1 else []
+    problems += ["ep must be >= 1"] if layout.ep is not None and layout.ep < 1 else []
+    problems += ["a2a needs ep"] if layout.a2a and layout.ep is None else []
+    problems += ["MoE (ep) runs without DeepSpeed"] if layout.ep and layout.ds is not None else []
     problems += ["z and ds exclude each other"] if layout.zero and layout.ds is not None else []
     problems += (
         ["DeepSpeed (ds) runs with pp1 only"] if layout.ds is not None and layout.pp > 1 else []
@@ -193,9 +211,12 @@ def pretrain_argv(layout: Layout, spec: ModelSpec, workdir: Path) -> list[str]:
         argv.append(f"--num-layers-per-virtual-pipeline-stage={per_chunk}")
     argv += ["--sequence-parallel"] if layout.sp else []
     argv += [f"--context-parallel-size={layout.cp}"] if layout.cp > 1 else []
-    argv += ["--cp-comm-type=a2a"] if layout.a2a else []
+    argv += ["--cp-comm-type=a2a"] if layout.ulysses else []
     argv += [f"--zero-stage={layout.zero}"] if layout.zero else []
     argv += ["--bf16"] if layout.bf16 else []
+    if layout.ep is not None:
+        argv += MOE_FLAGS + [f"--expert-model-parallel-size={layout.ep}"]
+        argv += ["--moe-token-dispatcher-type=alltoall"] if layout.a2a else []
     if layout.ds is not None:
         zero: dict = {"stage": layout.ds}
         if layout.ds == 3:  # partition even a tiny model's parameters (default keeps them whole)

@@ -114,6 +114,88 @@ def group_ranks(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1) -> dict[
     }
 
 
+# --- expert parallelism: the same ranks, each stage's block refolded -------------------------
+# Axis order of the expert grid, slowest first: the block of TP x CP x DP ranks of one pipeline
+# stage (contiguous in the dense grid, since PP is slowest) read as expert-DP x EP x ETP.
+EXPERT_GRID_AXES = ("pp", "edp", "ep", "etp")
+
+
+def validate_expert_layout(
+    world_size: int,
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    ep: int = 1,
+    etp: Optional[int] = None,
+    num_experts: Optional[int] = None,
+) -> int:
+    """Check that EP x ETP folds into each stage's TP x CP x DP block; return expert-DP size.
+
+    `etp` None means ETP = TP (Megatron's default). With `num_experts`, the experts must split
+    evenly over EP. Raises `LayoutError` naming the numbers.
+    """
+    dp = validate_layout(world_size, tp, pp, cp)
+    etp = tp if etp is None else etp
+    for name, value in (("expert-model-parallel size", ep), ("expert-tensor-parallel size", etp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise LayoutError(f"{name} must be an integer >= 1, got {value!r}")
+    block = tp * cp * dp
+    if block % (ep * etp) != 0:
+        raise LayoutError(
+            f"expert-model-parallel size ({ep}) x expert-tensor-parallel size ({etp}) = "
+            f"{ep * etp} does not divide the ranks of one pipeline stage: tensor-model-parallel "
+            f"size ({tp}) x context-parallel size ({cp}) x data-parallel size ({dp}) = {block}"
+        )
+    if num_experts is not None and (num_experts < 1 or num_experts % ep != 0):
+        raise LayoutError(
+            f"num-experts ({num_experts}) is not divisible by expert-model-parallel size ({ep})"
+        )
+    return block // (ep * etp)
+
+
+def expert_rank_grid(
+    world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, etp: Optional[int] = None
+) -> torch.Tensor:
+    """The expert grid ``[pp, edp, ep, etp]`` over the same global ranks as `rank_grid`."""
+    edp = validate_expert_layout(world_size, tp, pp, cp, ep, etp)
+    etp = tp if etp is None else etp
+    return torch.arange(world_size).view(pp, edp, ep, etp)
+
+
+def _expert_lines(grid: torch.Tensor, *axes: str) -> list[list[int]]:
+    dims = [EXPERT_GRID_AXES.index(a) for a in axes]
+    rest = [d for d in range(grid.dim()) if d not in dims]
+    size = 1
+    for d in dims:
+        size *= grid.shape[d]
+    return grid.permute(*rest, *dims).reshape(-1, size).tolist()
+
+
+def expert_group_ranks(
+    world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, etp: Optional[int] = None
+) -> dict[str, list]:
+    """The MoE groups, as lists of global ranks, computed from the two grids alone.
+
+    Kinds: ``etp`` (one expert's tensor shards), ``ep`` (ranks holding different experts),
+    ``edp`` (expert data parallel: replicas of the same expert shard, where expert gradients are
+    reduced), ``etp_ep`` (ETP x EP: the all-gather dispatcher's group), ``emp`` (expert model
+    parallel, PP x EP x ETP: one copy of every expert parameter, for the gradient norm),
+    ``tp_cp`` (the ranks sharing one micro-batch's tokens: MoE load statistics) and
+    ``tp_cp_dp`` (one pipeline stage's block: the expert-bias token counts).
+    """
+    grid = expert_rank_grid(world_size, tp, pp, cp, ep, etp)
+    dense = rank_grid(world_size, tp, pp, cp)
+    return {
+        "etp": _expert_lines(grid, "etp"),
+        "ep": _expert_lines(grid, "ep"),
+        "edp": _expert_lines(grid, "edp"),
+        "etp_ep": _expert_lines(grid, "ep", "etp"),
+        "emp": _expert_lines(grid, "pp", "ep", "etp"),
+        "tp_cp": _lines(dense, "cp", "tp"),
+        "tp_cp_dp": _lines(dense, "dp", "cp", "tp"),
+    }
+
+
 @dataclass
 class ParallelState:
     """Sizes, this rank's coordinates in the grid, and its group of every kind."""
@@ -129,6 +211,10 @@ class ParallelState:
     groups: dict[str, object] = field(repr=False)
     ranks: dict[str, list[int]]
     virtual_pipeline_rank: Optional[int] = None
+    ep: int = 1
+    etp: int = 1
+    edp: int = 1
+    expert_coords: dict[str, int] = field(default_factory=dict)
 
 
 _STATE: Optional[ParallelState] = None
@@ -145,6 +231,7 @@ class ModelParallelGroups:
     model_parallel_size: int = 1
     is_first_stage: bool = True
     embedding_group: object = None  # first + last stage, on the ranks that belong to it
+    expert_model_parallel_group: object = None  # PP x EP x ETP: one copy of each expert param
 
 
 def get_model_parallel_groups() -> ModelParallelGroups:
@@ -158,6 +245,7 @@ def get_model_parallel_groups() -> ModelParallelGroups:
         embedding_group=get_embedding_group()
         if is_rank_in_embedding_group(ignore_virtual=True)
         else None,
+        expert_model_parallel_group=get_expert_model_parallel_full_group(),
     )
 
 
@@ -167,12 +255,16 @@ def initialize_model_parallel(
     virtual_pipeline_model_parallel_size: Optional[int] = None,
     context_parallel_size: int = 1,
     timeout: Optional[datetime.timedelta] = None,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: Optional[int] = None,
 ) -> ParallelState:
     """Build every process group for this layout; DP size is derived from the world size.
 
     Must be called on every rank after ``torch.distributed`` is initialized. `timeout` (default:
     the one given to `megalite.distributed.init_distributed`, else torch's) is passed to every
     group, so a collective on any of them fails instead of hanging when a peer dies.
+    `expert_model_parallel_size` (EP) and `expert_tensor_parallel_size` (ETP, default TP) add
+    the MoE groups of `expert_group_ranks`.
     """
     global _STATE
     if not dist.is_available() or not dist.is_initialized():
@@ -191,6 +283,9 @@ def initialize_model_parallel(
     if vpp == 1:
         vpp = None
     dp = validate_layout(world, tp, pp, cp, vpp)
+    ep, etp = expert_model_parallel_size, expert_tensor_parallel_size
+    etp = tp if etp is None else etp
+    edp = validate_expert_layout(world, tp, pp, cp, ep, etp)
     if timeout is None:
         from megalite.distributed import get_timeout
 
@@ -203,6 +298,12 @@ def initialize_model_parallel(
             group = dist.new_group(line, timeout=timeout)
             if rank in line:
                 groups[kind], ranks[kind] = group, line
+    for kind, all_lines in expert_group_ranks(world, tp, pp, cp, ep, etp).items():
+        for line in all_lines:
+            group = dist.new_group(line, timeout=timeout)
+            if rank in line:
+                groups[kind], ranks[kind] = group, line
+    expert_where = (expert_rank_grid(world, tp, pp, cp, ep, etp) == rank).nonzero()[0].tolist()
     grid = rank_grid(world, tp, pp, cp)
     where = (grid == rank).nonzero()[0].tolist()
     coords = dict(zip(GRID_AXES, where))
@@ -218,6 +319,10 @@ def initialize_model_parallel(
         groups=groups,
         ranks=ranks,
         virtual_pipeline_rank=0 if vpp else None,
+        ep=ep,
+        etp=etp,
+        edp=edp,
+        expert_coords=dict(zip(EXPERT_GRID_AXES, expert_where)),
     )
     return _STATE
 
@@ -401,3 +506,61 @@ def get_model_parallel_world_size() -> int:
 def get_model_parallel_rank() -> int:
     s = get_parallel_state()
     return s.ranks["mp"].index(s.rank)
+
+
+# --- expert parallel (MoE) ---------------------------------------------------------------------
+def get_expert_model_parallel_group():
+    return _group("ep")
+
+
+def get_expert_model_parallel_world_size() -> int:
+    return get_parallel_state().ep
+
+
+def get_expert_model_parallel_rank() -> int:
+    return get_parallel_state().expert_coords["ep"]
+
+
+def get_expert_tensor_parallel_group():
+    return _group("etp")
+
+
+def get_expert_tensor_parallel_world_size() -> int:
+    return get_parallel_state().etp
+
+
+def get_expert_tensor_parallel_rank() -> int:
+    return get_parallel_state().expert_coords["etp"]
+
+
+def get_expert_data_parallel_group():
+    """Replicas of this rank's expert shards: expert gradients are averaged here."""
+    return _group("edp")
+
+
+def get_expert_data_parallel_world_size() -> int:
+    return get_parallel_state().edp
+
+
+def get_expert_data_parallel_rank() -> int:
+    return get_parallel_state().expert_coords["edp"]
+
+
+def get_expert_tensor_and_model_parallel_group():
+    """ETP x EP of this stage (the all-gather token dispatcher's group)."""
+    return _group("etp_ep")
+
+
+def get_expert_model_parallel_full_group():
+    """PP x EP x ETP: together these ranks hold every expert parameter exactly once."""
+    return _group("emp")
+
+
+def get_tensor_and_context_parallel_group():
+    """TP x CP: the ranks that share one micro-batch's tokens."""
+    return _group("tp_cp")
+
+
+def get_tensor_context_and_data_parallel_group():
+    """TP x CP x DP: every rank of this pipeline stage."""
+    return _group("tp_cp_dp")

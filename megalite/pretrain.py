@@ -79,6 +79,15 @@ def dry_run(cfg) -> int:
         f"{cfg.parallel.pipeline_model_parallel_size} x DP {cfg.data_parallel_size}, "
         f"{cfg.train_iters} iterations"
     )
+    # The memory plan of this layout (megalite-plan), as YAML comments so the output stays a
+    # config file that --config reads back.
+    from megalite.planner.cli import plan_text_for_run
+
+    try:
+        text = plan_text_for_run(cfg, world)
+    except (UserError, ValueError) as e:
+        text = f"no memory plan: {e}"
+    print("\n".join("# " + line if line else "#" for line in text.splitlines()))
     return 0
 
 

@@ -29,15 +29,10 @@ step "preprocess"
   --workers 2
 
 rm -rf "$QS/ckpt" "$QS/tensorboard" "$QS/metrics.jsonl"
-TRAIN=(--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --zero-stage 1
-  --num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 64
-  --micro-batch-size 4 --global-batch-size 32 --train-iters $((ITERS + MORE))
-  --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 20 --clip-grad 1.0
-  --hidden-dropout 0 --attention-dropout 0
-  --data-path "$QS/corpus_text_document" --split 98,2,0 --data-cache-path "$QS/cache"
-  --tokenizer-type SentencePieceTokenizer --tokenizer-model "$QS/tok.model"
-  --save "$QS/ckpt" --load "$QS/ckpt" --save-interval 100000
-  --log-interval 20 --eval-interval 100 --eval-iters 2 --distributed-timeout-minutes 3
+# The model, layout and optimizer are in examples/configs/quickstart.yaml; flags add the paths.
+TRAIN=(--config examples/configs/quickstart.yaml --train-iters $((ITERS + MORE))
+  --data-path "$QS/corpus_text_document" --data-cache-path "$QS/cache"
+  --tokenizer-model "$QS/tok.model" --save "$QS/ckpt" --load "$QS/ckpt"
   --tensorboard-dir "$QS/tensorboard" --metrics-file "$QS/metrics.jsonl")
 run() { python -m torch.distributed.run --standalone --nproc-per-node 8 -m megalite.pretrain "$@"; }
 

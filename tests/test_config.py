@@ -50,8 +50,8 @@ def test_field_names_are_unique_and_every_section_is_a_dataclass():
     fields = section_of_field()  # raises on a duplicate
     assert fields["tensor_model_parallel_size"] == "parallel"
     assert fields["num_layers"] == "model" and fields["lr"] == "optimizer"
-    assert set(SECTIONS) == {"model", "parallel", "optimizer", "schedule", "training", "data",
-                             "checkpoint", "logging", "megatron"}  # fmt: skip
+    assert set(SECTIONS) == {"model", "moe", "parallel", "optimizer", "schedule", "training",
+                             "data", "checkpoint", "logging", "megatron"}  # fmt: skip
 
 
 def test_config_file_sits_under_the_command_line(tmp_path):
@@ -120,6 +120,48 @@ def test_config_file_run_equals_flag_run_and_saved_config_reproduces(tmp_path):
     argv = ["--config", str(saved), "--metrics-file", str(replay), "--save", str(tmp_path / "c2")]
     assert _pretrain(argv) == 0
     assert _curve(flags) == _curve(replay)
+
+
+# scripts/quickstart.sh's flags before it moved them into examples/configs/quickstart.yaml
+QUICKSTART_FLAGS = """
+--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --zero-stage 1
+--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 64
+--micro-batch-size 4 --global-batch-size 32 --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine
+--lr-warmup-iters 20 --clip-grad 1.0 --hidden-dropout 0 --attention-dropout 0 --split 98,2,0
+--tokenizer-type SentencePieceTokenizer --save-interval 100000 --log-interval 20
+--eval-interval 100 --eval-iters 2 --distributed-timeout-minutes 3
+""".split()
+
+
+@pytest.mark.slow
+def test_quickstart_config_file_gives_the_flag_runs_losses(tmp_path):
+    """world size 8: examples/configs/quickstart.yaml and the flags it replaced, same overrides
+    (mock data, 3 iterations), give the same losses and grad norms bit for bit; a flag after
+    the file wins (--log-interval 1 over the file's 20)."""
+    rest = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
+            "--train-iters", "3", "--log-interval", "1", "--eval-iters", "0"]  # fmt: skip
+    by_file, by_flags = tmp_path / "file.jsonl", tmp_path / "flags.jsonl"
+    config = str(ROOT / "examples" / "configs" / "quickstart.yaml")
+    argv = [
+        "--config",
+        config,
+        *rest,
+        "--metrics-file",
+        str(by_file),
+        "--save",
+        str(tmp_path / "a"),
+    ]
+    assert run_distributed(8, _pretrain, argv) == [0] * 8
+    argv = [
+        *QUICKSTART_FLAGS,
+        *rest,
+        "--metrics-file",
+        str(by_flags),
+        "--save",
+        str(tmp_path / "b"),
+    ]
+    assert run_distributed(8, _pretrain, argv) == [0] * 8
+    assert len(_curve(by_file)) == 3 and _curve(by_file) == _curve(by_flags)
 
 
 def _pairs(argv):
@@ -222,9 +264,9 @@ def test_megatron_example_command_lines_run_unchanged(tmp_path, name):
     assert run_distributed(4, _pretrain, argv) == [0] * 4
     train = [r for r in _records(metrics) if "grad_norm" in r]
     assert train and all(r["lm_loss"] > 0 for r in train)
-    if name == "gpt3_175b":  # ramp-up: 4, 6, 8, 8 ... samples (Megatron's increments)
-        assert [r["global_batch_size"] for r in train][:4] == [4, 6, 8, 8]
-        assert train[-1]["consumed_samples"] == 4 + 6 + 8 + 8 + 8 + 8
+    if name == "gpt3_175b":  # ramp-up 4 -> 8 by 2 over 16 samples: +2 every 8 samples
+        assert [r["global_batch_size"] for r in train] == [4, 4, 6, 6, 8, 8]
+        assert train[-1]["consumed_samples"] == 4 + 4 + 6 + 6 + 8 + 8
     else:  # 24 samples of 4: 6 iterations; the profiler wrote a trace
         assert train[-1]["iteration"] == 6
         assert list((tmp_path / "tb").glob("profile_rank0_iter2.json"))
@@ -334,3 +376,16 @@ def test_no_import_cycles_between_modules():
     for m in modules:
         if m not in state:
             visit(m, [])
+
+
+def test_readme_flag_table_is_the_generated_one():
+    import subprocess
+    import sys
+
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "flag_table.py")],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    readme = (ROOT / "README.md").read_text()
+    inside = readme.split("<!-- flag-table:start -->\n")[1].split("<!-- flag-table:end -->")[0]
+    assert inside == table, "README's flag table is stale: run python tools/flag_table.py"

@@ -144,14 +144,14 @@ def test_megalite_check_runs_cp_layouts(tmp_path):
     )
 
     cp_layouts = [parse_layout(n) for n in STANDARD_MATRIX if "cp" in n]
-    assert {lay.name for lay in cp_layouts} >= {"cp2", "cp2a2a", "tp2cp2sp", "pp2cp2"}
-    lay = parse_layout("tp2cp2spa2a")
-    assert (lay.world_size, lay.name) == (4, "tp2cp2a2asp")
+    assert {lay.name for lay in cp_layouts} >= {"cp2", "cp2ulysses", "tp2cp2sp", "pp2cp2"}
+    lay = parse_layout("tp2cp2spulysses")
+    assert (lay.world_size, lay.name) == (4, "tp2cp2ulyssessp")
     argv = pretrain_argv(lay, ModelSpec(), tmp_path)
     assert "--context-parallel-size=2" in argv and "--cp-comm-type=a2a" in argv
     assert preflight(cp_layouts, ModelSpec(), tmp_path) == []
-    with pytest.raises(LayoutSyntaxError, match="a2a needs cp > 1"):
-        parse_layout("tp2a2a")
+    with pytest.raises(LayoutSyntaxError, match="ulysses needs cp > 1"):
+        parse_layout("tp2ulysses")
 
 
 @pytest.mark.slow

@@ -111,10 +111,10 @@ def test_resume_needs_the_optimizer_state(trained):
 @pytest.mark.parametrize(
     "tp,pp,virtual,message",
     [
-        (3, 1, None, "num_attention_heads (8) is not divisible by tensor-model-parallel size (3)"),
-        (8, 1, None, "num_query_groups (4) is not divisible by tensor-model-parallel size (8)"),
-        (1, 3, None, "num_layers (4) is not divisible by pipeline-model-parallel size (3)"),
-        (2, 2, 3, "not divisible by num_layers_per_virtual_pipeline_stage (3)"),
+        (3, 1, None, "--num-attention-heads 8 is not divisible by --tensor-model-parallel-size 3"),
+        (8, 1, None, "--num-query-groups 4 is not divisible by --tensor-model-parallel-size 8"),
+        (1, 3, None, "--num-layers 4 is not divisible by --pipeline-model-parallel-size 3"),
+        (2, 2, 3, "not divisible by --num-layers-per-virtual-pipeline-stage 3"),
     ],
 )
 def test_layout_that_cannot_hold_the_model_is_refused_before_writing(

@@ -175,6 +175,13 @@ PINNED_FLAGS = """
 --no-rope-fusion --no-gradient-accumulation-fusion --use-flash-attn --transformer-impl
 --fp8-format --fp8-amax-history-len --fp8-amax-compute-algo --fp8-param-gather
 --context-parallel-size --log-num-zeros-in-grad --cp-comm-type
+--num-experts --moe-router-topk --moe-router-score-function --moe-router-pre-softmax
+--moe-router-topk-scaling-factor --moe-router-enable-expert-bias --moe-router-bias-update-rate
+--moe-ffn-hidden-size --moe-shared-expert-intermediate-size --moe-layer-freq
+--moe-router-load-balancing-type --moe-aux-loss-coeff --moe-z-loss-coeff
+--moe-expert-capacity-factor --moe-token-drop-policy --moe-token-dispatcher-type
+--moe-grouped-gemm --moe-per-layer-logging --moe-router-dtype --moe-permute-fusion
+--expert-model-parallel-size --expert-tensor-parallel-size
 """.split()
 
 

@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> dict:
     """Run the benchmark, print the table; returns its numbers."""
     from megalite.distributed import init_distributed
+    from megalite.model import num_floating_point_operations
     from megalite.training.arguments import resolved_config
     from megalite.training.metrics import device_peak_tflops
     from megalite.training.trainer import Trainer
@@ -73,8 +74,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
               "--hidden-dropout=0", "--attention-dropout=0", "--clip-grad=1.0"]  # fmt: skip
     flags += [] if a.fp32 else ["--bf16"]
     flags += [f"--recompute-granularity={a.recompute}"] if a.recompute else []
-    args = resolved_config(flags, 1)
-    trainer = Trainer(args)
+    cfg = resolved_config(flags, 1)
+    trainer = Trainer(cfg)
+    model, gbs = trainer.config, cfg.training.global_batch_size
+    flops_per_step = num_floating_point_operations(model, gbs)
     params = sum(p.numel() for c in trainer.engine.chunks for p in c.parameters())
     times = []
     for i in range(warmup + steps):
@@ -83,29 +86,29 @@ def main(argv: Optional[list[str]] = None) -> dict:
         loss, _, _ = train_step(trainer, 1e-4)
         _sync()
         times.append(time.perf_counter() - start)
-        trainer.consumed += args.global_batch_size  # fresh mock samples every step
+        trainer.consumed += gbs  # fresh mock samples every step
         if i == 0:
             first_loss = loss
     timed = times[warmup:]
     step = sum(timed) / len(timed)
-    tokens = args.global_batch_size * args.seq_length
-    tflops = trainer.flops_per_iter / step / 1e12
+    tokens = gbs * model.seq_length
+    tflops = flops_per_step / step / 1e12
     peak = device_peak_tflops(a.peak_tflops)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     out = {
         "device": device, "parameters": params, "step_s": step,
         "step_s_median": statistics.median(timed), "tokens_per_s": tokens / step,
         "tflops": tflops, "mfu": tflops / peak if peak else None, "peak_tflops": peak,
-        "first_loss": first_loss, "last_loss": loss, "flops_per_step": trainer.flops_per_iter,
+        "first_loss": first_loss, "last_loss": loss, "flops_per_step": flops_per_step,
     }  # fmt: skip
     mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
     print(
-        f"GPT {size} ({args.num_layers} layers, hidden {args.hidden_size}, "
-        f"{args.num_attention_heads} heads, seq {args.seq_length}, vocab "
-        f"{trainer.config.padded_vocab_size}), {'fp32' if a.fp32 else 'bf16'}, micro-batch "
-        f"{args.micro_batch_size} x {args.num_microbatches} = global batch "
-        f"{args.global_batch_size}; {device}; {warmup} warm-up + {steps} timed steps"
+        f"GPT {size} ({model.num_layers} layers, hidden {model.hidden_size}, "
+        f"{model.num_attention_heads} heads, seq {model.seq_length}, vocab "
+        f"{model.padded_vocab_size}), {'fp32' if a.fp32 else 'bf16'}, micro-batch "
+        f"{cfg.training.micro_batch_size} x {trainer._num_microbatches(gbs)} = global batch "
+        f"{gbs}; {device}; {warmup} warm-up + {steps} timed steps"
     )
     rows = [
         ("step time (mean / median)", f"{step * 1e3:.1f} / {out['step_s_median'] * 1e3:.1f} ms"),

@@ -14,50 +14,12 @@ refused before anything is written (exit status 2). See megalite/checkpoint/resh
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megalite.checkpoint.format import CheckpointError  # noqa: E402
-from megalite.checkpoint.reshard import reshard  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument(
-        "--load", required=True, help="checkpoint root (its tracker names the iteration)"
-    )
-    p.add_argument("--save", required=True, help="root to write the resharded checkpoint to")
-    p.add_argument("--target-tensor-parallel-size", type=int, required=True)
-    p.add_argument("--target-pipeline-model-parallel-size", type=int, required=True)
-    p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    p.add_argument(
-        "--true-vocab-size",
-        type=int,
-        default=None,
-        help="tokenizer vocabulary, when the padding changes and the tokenizer files are gone",
-    )
-    a = p.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        folder = reshard(
-            a.load,
-            a.save,
-            a.target_tensor_parallel_size,
-            a.target_pipeline_model_parallel_size,
-            a.target_num_layers_per_virtual_pipeline_stage,
-            true_vocab=a.true_vocab_size,
-            log=print,
-        )
-    except (CheckpointError, ValueError) as e:
-        print(f"checkpoint_reshard: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")
-    return 0
-
+from megalite.checkpoint.cli import reshard_main as main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -185,13 +185,16 @@ def save_checkpoint(
     rng_state: dict,
     meta: dict,
     extra_files: Optional[dict[str, str]] = None,
+    expert_state: Optional[Callable[[], dict]] = None,
 ) -> Path:
     """Write iteration `iteration` collectively from every rank; returns its folder.
 
     `coords` is this rank's {"tp", "pp", "dp"}; `model_state()` / `optimizer_state()` are called
     only on the ranks that write them (DP rank 0 for the model; every DP rank when
     `optimizer_sharded`). `meta` (JSON-able) and `extra_files` ({name: text}, e.g. the
-    resolved config.yaml) are written by global rank 0.
+    resolved config.yaml) are written by global rank 0. `expert_state()` (MoE with experts
+    split over DP ranks) is this rank's expert parameters, written by every DP rank as
+    ``experts_dp{dp}.pt`` and laid over ``model.pt`` on load.
     """
     root = Path(root)
     final = iteration_dir(root, iteration)
@@ -215,6 +218,8 @@ def save_checkpoint(
             dp = coords["dp"]
             if dp == 0:
                 _save(model_state(), shard / "model.pt")
+            if expert_state is not None:
+                _save(expert_state(), shard / f"experts_dp{dp:03d}.pt")
             if optimizer_state is not None and (optimizer_sharded or dp == 0):
                 _save(optimizer_state(), shard / f"optim_dp{dp:03d}.pt")
             _save(rng_state, shard / f"rng_dp{dp:03d}.pt")
@@ -374,6 +379,10 @@ def load_shard_files(
     shard = shard_dir(folder, coords["tp"], coords["pp"])
     out: dict[str, Any] = {"model": safe_load(shard / "model.pt")}
     dp = coords["dp"]
+    experts = shard / f"experts_dp{dp:03d}.pt"
+    if experts.exists():  # MoE: this DP rank's own experts replace DP rank 0's
+        for chunk, params in safe_load(experts).items():
+            out["model"][chunk].update(params)
     if optim:
         out["optimizer"] = safe_load(optimizer_file(shard, dp, optimizer_sharded))
     if rng:

@@ -302,6 +302,10 @@ def reshard(
 ) -> Path:
     """Reshard the newest checkpoint of `load` to TP `tp` x PP `pp`; returns the new folder."""
     folder, meta = ckpt.load_meta(load)
+    if meta and meta.get("expert_layout"):
+        raise ckpt.CheckpointError(
+            f"{load} is an MoE checkpoint: resharding experts is not implemented yet"
+        )
     if folder is None:
         raise ReshardError(f"no checkpoint in {load} ({ckpt.TRACKER} is missing)")
     if Path(save).resolve() == Path(load).resolve():
@@ -386,6 +390,10 @@ def load_full_model(load: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
     """(meta, {name: full tensor}) of the newest checkpoint in `load`, every shard joined (the
     single-process model's state_dict with padded vocabulary). For small models and tests."""
     folder, meta = ckpt.load_meta(load)
+    if meta and meta.get("expert_layout"):
+        raise ckpt.CheckpointError(
+            f"{load} is an MoE checkpoint: resharding experts is not implemented yet"
+        )
     if folder is None:
         raise ReshardError(f"no checkpoint in {load}")
     out: dict[str, torch.Tensor] = {}

@@ -9,6 +9,8 @@ Which rank contributes which gradient (attributes from docs/CONTRACTS.md):
 - ZeRO 1/2: a rank holds only its DP shard of each gradient; shards are summed over DP.
   ZeRO 0: every DP replica holds the same gradient, so DP is not summed at all.
 - PP: every stage adds its own layers.
+- MoE expert parameters (``expert``): every rank adds its shard; the expert norm is summed
+  over expert-DP (ZeRO) and PP x EP x ETP instead (see the optimizer), which holds each once.
 
 Squares are summed locally, then all-reduced over the given groups (the DP group under ZeRO,
 then the model-parallel group TP x PP), so the result is the norm of the one full gradient.
@@ -34,6 +36,8 @@ def counts_in_norm(param: torch.nn.Parameter, tp_rank: int, is_first_stage: bool
     """Whether this rank's copy of `param` is the one that counts in the global norm."""
     if getattr(param, "shared_embedding", False) and not is_first_stage:
         return False
+    if getattr(param, "expert", False):
+        return True
     return bool(getattr(param, "tensor_model_parallel", False)) or tp_rank == 0
 
 

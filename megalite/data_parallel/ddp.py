@@ -30,6 +30,13 @@ weights, ``shared_embedding`` tied embeddings; see docs/CONTRACTS.md) live in se
 *deferred* buckets that are reduced only by `finish_grad_sync`, after
 `megalite.data_parallel.finalize.finalize_model_grads` has summed them over TP / the embedding
 group. The two sums commute, so this is exact for every ZeRO stage.
+
+Expert parameters of an MoE layer (``allreduce = False``, Megatron's tag) live in buckets of
+their own, averaged over the *expert*-data-parallel group (`expert_data_parallel_group`: the
+ranks holding the same expert shard) instead of DP; each bucket carries the group it is
+reduced over, so ZeRO shards expert buckets over expert-DP. The sum is still divided by the DP
+size (Megatron's rule): an expert's local gradient already sums the tokens of its whole EP
+group, so the sum over expert-DP covers every DP replica's tokens once.
 """
 
 from __future__ import annotations
@@ -48,6 +55,11 @@ reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduc
 all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def is_expert_param(param: torch.nn.Parameter) -> bool:
+    """An MoE expert weight: reduced over expert-DP, not DP."""
+    return not getattr(param, "allreduce", True)
+
+
 def needs_model_parallel_reduction(param: torch.nn.Parameter) -> bool:
     """True for parameters whose gradient must be summed over TP or the embedding group."""
     return bool(getattr(param, "sequence_parallel", False)) or bool(
@@ -60,7 +72,8 @@ class Bucket:
 
     ``data`` has ``numel`` elements (padded to a multiple of the DP size so that every rank gets an
     equal shard); parameter ``p`` occupies ``data[ranges[p][0]:ranges[p][1]]``. Rank ``d`` owns
-    ``data[shard[0]:shard[1]]`` under ZeRO 1/2.
+    ``data[shard[0]:shard[1]]`` under ZeRO 1/2. `group` is the group it is averaged over (DP,
+    or expert-DP for expert parameters), of `dp_size` ranks; the sum is divided by `divisor`.
     """
 
     def __init__(
@@ -72,10 +85,14 @@ class Bucket:
         deferred: bool,
         device: torch.device,
         reduce_dtype: torch.dtype = torch.float32,
+        group=None,
+        divisor: Optional[int] = None,
     ):
         self.params = params
         self.reduce_dtype = reduce_dtype  # bf16: communicate in bf16, accumulate in fp32
         self.comm: Optional[torch.Tensor] = None
+        self.group, self.dp_size = group, dp_size
+        self.divisor = dp_size if divisor is None else divisor
         self.deferred = deferred
         self.zero_stage = zero_stage
         self.ranges: dict[torch.nn.Parameter, tuple[int, int]] = {}
@@ -96,6 +113,7 @@ class Bucket:
             p.main_grad = self.data[lo:hi].view_as(p)
         self.pending: set[int] = {id(p) for p in params}
         self.work = None
+        self.launched = False
         self.out: Optional[torch.Tensor] = None
         self.acc: Optional[torch.Tensor] = None  # ZeRO-1 reduced shard set aside by `reopen`
 
@@ -114,11 +132,12 @@ class Bucket:
         self.data.untyped_storage().resize_(0)
 
     # -- reduction ---------------------------------------------------------------------------
-    def launch(self, group, dp_size: int) -> None:
-        """Start the (async) average of this bucket over `group`."""
+    def launch(self) -> None:
+        """Start the (async) average of this bucket over its group."""
+        group, dp_size = self.group, self.dp_size
         self.materialize()
-        if dp_size > 1:
-            self.data.div_(dp_size)
+        if self.divisor > 1:
+            self.data.div_(self.divisor)
         low = self.reduce_dtype != self.data.dtype and dp_size > 1
         self.comm = self.data.to(self.reduce_dtype) if low else None
         send = self.comm if low else self.data
@@ -137,6 +156,9 @@ class Bucket:
                 self.out.copy_(self.data)
                 self.work = None
         self.pending = set()  # launched: nothing may be added until the window is reset
+        # Launched once per window: a bucket with nothing to wait for (one rank, ZeRO 0) must
+        # not be divided again by a second launch.
+        self.launched = True
 
     def wait(self) -> None:
         """Finish a launched reduction and put the result where the optimizer reads it."""
@@ -176,6 +198,7 @@ class Bucket:
         self.reset_window()
 
     def reset_window(self) -> None:
+        self.launched = False
         self.pending = {id(p) for p in self.params}
 
     def shard_grad(self) -> torch.Tensor:
@@ -197,6 +220,8 @@ class DistributedDataParallel(torch.nn.Module):
         zero_stage: 0 all-reduce, 1 reduce-scatter, 2 reduce-scatter + keep only the shard.
         reduce_dtype: dtype of the reduction's messages (``--grad-reduce-in-bf16``: bf16);
             gradients are accumulated and handed to the optimizer in fp32 either way.
+        expert_data_parallel_group: where expert parameters (``allreduce = False``) are
+            averaged (``parallel_state.get_expert_data_parallel_group()``); None: one replica.
     """
 
     def __init__(
@@ -207,6 +232,7 @@ class DistributedDataParallel(torch.nn.Module):
         overlap_grad_reduce: bool = False,
         zero_stage: int = 0,
         reduce_dtype: torch.dtype = torch.float32,
+        expert_data_parallel_group=None,
     ):
         super().__init__()
         self.reduce_dtype = reduce_dtype
@@ -218,6 +244,13 @@ class DistributedDataParallel(torch.nn.Module):
         self.data_parallel_group = data_parallel_group
         self.dp_size = dist.get_world_size(data_parallel_group) if data_parallel_group else 1
         self.dp_rank = dist.get_rank(data_parallel_group) if data_parallel_group else 0
+        self.expert_data_parallel_group = expert_data_parallel_group
+        self.edp_size = (
+            dist.get_world_size(expert_data_parallel_group) if expert_data_parallel_group else 1
+        )
+        self.edp_rank = (
+            dist.get_rank(expert_data_parallel_group) if expert_data_parallel_group else 0
+        )
         self.bucket_size = bucket_size or DEFAULT_BUCKET_SIZE
         self.overlap_grad_reduce = overlap_grad_reduce
         self.zero_stage = zero_stage
@@ -235,24 +268,33 @@ class DistributedDataParallel(torch.nn.Module):
         params = [p for p in self.module.parameters() if p.requires_grad]
         device = params[0].device if params else torch.device("cpu")
         buckets = []
-        for deferred in (False, True):
-            current, size = [], 0
-            for p in reversed(params):
-                if needs_model_parallel_reduction(p) != deferred:
-                    continue
-                current.append(p)
-                size += p.numel()
-                if size >= self.bucket_size:
-                    buckets.append(self._bucket(current, deferred, device))
-                    current, size = [], 0
-            if current:
-                buckets.append(self._bucket(current, deferred, device))
+        for expert in (False, True):
+            for deferred in (False, True):
+                current, size = [], 0
+                for p in reversed(params):
+                    if (
+                        needs_model_parallel_reduction(p) != deferred
+                        or is_expert_param(p) != expert
+                    ):
+                        continue
+                    current.append(p)
+                    size += p.numel()
+                    if size >= self.bucket_size:
+                        buckets.append(self._bucket(current, deferred, device, expert))
+                        current, size = [], 0
+                if current:
+                    buckets.append(self._bucket(current, deferred, device, expert))
         return buckets
 
-    def _bucket(self, params, deferred, device) -> Bucket:
+    def _bucket(self, params, deferred, device, expert: bool = False) -> Bucket:
+        if expert:
+            group, size, rank = self.expert_data_parallel_group, self.edp_size, self.edp_rank
+        else:
+            group, size, rank = self.data_parallel_group, self.dp_size, self.dp_rank
         return Bucket(
-            params, self.dp_size, self.dp_rank, self.zero_stage, deferred, device, self.reduce_dtype
-        )
+            params, size, rank, self.zero_stage, deferred, device, self.reduce_dtype, group,
+            self.dp_size,
+        )  # fmt: skip
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -276,7 +318,7 @@ class DistributedDataParallel(torch.nn.Module):
         if self._sync_enabled or self.zero_stage == 2:
             bucket.pending.discard(id(param))
             if not bucket.pending:
-                bucket.launch(self.data_parallel_group, self.dp_size)
+                bucket.launch()
 
     def _end_of_backward(self) -> None:
         """ZeRO-2: reduce-scatter every non-deferred bucket and keep only the shard."""
@@ -284,8 +326,8 @@ class DistributedDataParallel(torch.nn.Module):
         for b in self.buckets:
             if b.deferred:
                 continue
-            if b.work is None and b.out is None and b.materialized:
-                b.launch(self.data_parallel_group, self.dp_size)
+            if not b.launched and b.materialized:
+                b.launch()
         for b in self.buckets:
             if not b.deferred:
                 b.wait()
@@ -304,8 +346,8 @@ class DistributedDataParallel(torch.nn.Module):
     def start_grad_sync(self) -> None:
         """Launch every bucket whose reduction has not started yet."""
         for b in self.buckets:
-            if b.work is None and b.out is None and (b.zero_stage != 2 or b.materialized):
-                b.launch(self.data_parallel_group, self.dp_size)
+            if not b.launched and (b.zero_stage != 2 or b.materialized):
+                b.launch()
 
     def finish_grad_sync(self) -> None:
         """Launch what is left, wait for every reduction; grads are then averaged over DP."""
@@ -331,12 +373,19 @@ class DistributedDataParallel(torch.nn.Module):
         self._callback_queued = False
 
     def broadcast_params(self) -> None:
-        """Copy DP-rank 0's parameters to the other replicas (for non-deterministic inits)."""
-        if self.dp_size == 1:
-            return
-        src = dist.get_global_rank(self.data_parallel_group, 0)
-        for p in self.module.parameters():
-            dist.broadcast(p.data, src=src, group=self.data_parallel_group)
+        """Copy DP-rank 0's parameters to the other replicas (for non-deterministic inits);
+        expert parameters from expert-DP rank 0."""
+        for b in self.buckets:
+            if b.dp_size == 1:
+                continue
+            src = dist.get_global_rank(b.group, 0)
+            for p in b.params:
+                dist.broadcast(p.data, src=src, group=b.group)
+        if self.dp_size > 1:  # frozen parameters are in no bucket
+            src = dist.get_global_rank(self.data_parallel_group, 0)
+            for p in self.module.parameters():
+                if id(p) not in self._bucket_of:
+                    dist.broadcast(p.data, src=src, group=self.data_parallel_group)
 
     # Checkpoints hold the bare module's names (no "module." prefix).
     def state_dict(self, *args, **kwargs):

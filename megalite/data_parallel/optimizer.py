@@ -12,7 +12,8 @@ For fp32 models the main piece *is* a view of the parameter (no extra copy); for
 an fp32 clone, copied back (rounded) after each step.
 
 ``step()`` does: unscale (fp16) -> inf/nan check over every rank (skip + lower the scale) ->
-global grad norm (each parameter counted once, see clip_grads) -> clip -> AdamW on the pieces
+global grad norm (each parameter counted once, see clip_grads; MoE expert parameters are summed
+over their own groups, expert-DP under ZeRO then PP x EP x ETP) -> clip -> AdamW on the pieces
 -> copy back / all-gather, and returns ``(updated, grad_norm, num_zeros)``.
 
 Checkpoint format (``state_dict()``; tensors and plain Python only, so
@@ -50,7 +51,7 @@ import torch.distributed as dist
 
 from megalite.config import ConfigError, option
 from megalite.data_parallel import clip_grads
-from megalite.data_parallel.ddp import DistributedDataParallel, all_gather_flat
+from megalite.data_parallel.ddp import DistributedDataParallel, all_gather_flat, is_expert_param
 from megalite.data_parallel.grad_scaler import (
     ConstantGradScaler,
     DynamicGradScaler,
@@ -204,6 +205,11 @@ class MixedPrecisionOptimizer:
         self.dp_rank = model_chunks[0].dp_rank if model_chunks else 0
         self._init_parallel_groups(groups or ModelParallelGroups())
         self.pieces = self._build_pieces()
+        # Collective: every rank must agree whether an expert norm is taken (a ZeRO rank may own
+        # no expert piece), so ask the modules, not the pieces.
+        self.has_experts = _any_rank(
+            any(is_expert_param(p) for c in model_chunks for p in c.module.parameters())
+        )
         wd = {
             id(p): g["weight_decay"]
             for g in get_param_groups([c.module for c in model_chunks], config.weight_decay)
@@ -249,6 +255,14 @@ class MixedPrecisionOptimizer:
         if mp_size > 1:
             groups.append(mp_group)
         self.norm_groups = groups
+        # Expert shards: one copy of each over PP x EP x ETP, sharded over expert-DP under ZeRO.
+        self.expert_norm_groups = []
+        edp = self.chunks[0].expert_data_parallel_group if self.chunks else None
+        if self.sharded and edp is not None and dist.get_world_size(edp) > 1:
+            self.expert_norm_groups.append(edp)
+        emp = mp.expert_model_parallel_group
+        if emp is not None and dist.get_world_size(emp) > 1:
+            self.expert_norm_groups.append(emp)
         # inf/nan anywhere must skip the step everywhere: every DP replica, every TP/PP rank.
         self.inf_group = dist.group.WORLD if dist.is_initialized() else None
 
@@ -285,12 +299,25 @@ class MixedPrecisionOptimizer:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
 
-    def _grads_for_norm(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _grads_for_norm(
+        self, grads: list[torch.Tensor], expert: bool = False
+    ) -> list[torch.Tensor]:
         return [
             g
             for piece, g in zip(self.pieces, grads)
-            if clip_grads.counts_in_norm(piece.param, self.tp_rank, self.is_first_stage)
+            if is_expert_param(piece.param) == expert
+            and clip_grads.counts_in_norm(piece.param, self.tp_rank, self.is_first_stage)
         ]
+
+    def _grad_norm(self, grads: list[torch.Tensor]) -> float:
+        """Dense and expert parts, each summed over the groups holding it once, combined."""
+        norm = clip_grads.global_grad_norm(self._grads_for_norm(grads), self.norm_groups)
+        if not self.has_experts:
+            return norm
+        expert = clip_grads.global_grad_norm(
+            self._grads_for_norm(grads, expert=True), self.expert_norm_groups
+        )
+        return (norm**2 + expert**2) ** 0.5
 
     @torch.no_grad()
     def step(self) -> tuple[bool, Optional[float], Optional[int]]:
@@ -308,13 +335,15 @@ class MixedPrecisionOptimizer:
             self.grad_scaler.update(found_inf)
             if found_inf:
                 return False, None, None
-        for_norm = self._grads_for_norm(grads)
-        grad_norm = clip_grads.global_grad_norm(for_norm, self.norm_groups)
+        grad_norm = self._grad_norm(grads)
         if self.config.clip_grad > 0:
             clip_grads.clip_grads_by_norm_(grads, self.config.clip_grad, grad_norm)
         num_zeros = None
         if self.config.log_num_zeros_in_grad:
-            num_zeros = clip_grads.count_zeros(for_norm, self.norm_groups)
+            num_zeros = clip_grads.count_zeros(self._grads_for_norm(grads), self.norm_groups)
+            if self.has_experts:
+                expert = self._grads_for_norm(grads, expert=True)
+                num_zeros += clip_grads.count_zeros(expert, self.expert_norm_groups)
         for piece, g in zip(self.pieces, grads):
             piece.main.grad = g
         self.optimizer.step()
@@ -405,6 +434,16 @@ class MixedPrecisionOptimizer:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
 
 
+def _any_rank(flag: bool) -> bool:
+    """`flag` OR-ed over every rank (a pipeline stage without MoE layers still joins the expert
+    norm's collectives)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=clip_grads.comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) < 120 else text[:117] + "..."
@@ -431,9 +470,9 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
                     lo, hi = max(a, s0), min(b, s1)
                     if lo < hi:
                         full[lo:hi].copy_(p.data.view(-1)[lo - a : hi - a])
-                if self.dp_size > 1:
+                if bucket.dp_size > 1:  # DP, or expert-DP for expert buckets
                     mine = full[s0:s1].clone()
-                    all_gather_flat(full, mine, group=self.dp_group)
+                    all_gather_flat(full, mine, group=bucket.group)
                 for p in bucket.params:
                     a, b = bucket.ranges[p]
                     p.data.view(-1).copy_(full[a:b])

@@ -12,6 +12,10 @@ and once per token the logit layer ``2 h V`` (padded vocabulary). With n d = h t
 Megatron's ``12 B s L h^2 [(1 + g/n + s/h) + (f/h)(3/2 if SwiGLU) + V/(2 L h)]``, and for MHA
 with f = 4h it is Narayanan's ``72 B s L h^2 (1 + s/(6h) + V/(12 h L))``.
 
+MoE layers (`moe`, a `megalite.moe.MoEConfig`) count *active* parameters: the router ``2 h E``,
+then k experts of width f_e per token and the shared expert of width f_s, each ``2 h f k' + 2 f h``
+as the dense MLP (dropless routing: exactly k experts per token).
+
 These are *model* FLOPs: activation recompute adds work but not model FLOPs (that would be
 hardware FLOPs), so MFU = this / (step time x peak FLOP/s x number of devices).
 """
@@ -24,7 +28,7 @@ from megalite.model.config import GPTConfig
 
 
 def num_floating_point_operations(
-    config: GPTConfig, batch_size: int, seq_length: Optional[int] = None
+    config: GPTConfig, batch_size: int, seq_length: Optional[int] = None, moe=None
 ) -> float:
     """Forward + backward FLOPs of one iteration over `batch_size` sequences (global batch)."""
     c = config
@@ -37,12 +41,18 @@ def num_floating_point_operations(
         c.ffn_hidden_size,
     )
     gated = 2 if c.activation == "swiglu" else 1
-    per_token_layer = (
-        2 * h * (n + 2 * g) * d  # fused QKV
-        + 4 * s * n * d  # scores and weighted values
-        + 2 * n * d * h  # output projection
-        + 2 * h * f * gated  # fc1
-        + 2 * f * h  # fc2
-    )
-    per_token = c.num_layers * per_token_layer + 2 * h * c.padded_vocab_size
+    attention = 2 * h * (n + 2 * g) * d + 4 * s * n * d + 2 * n * d * h  # QKV, core, projection
+
+    def mlp(width: int) -> int:
+        return 2 * h * width * gated + 2 * width * h  # fc1, fc2
+
+    per_token = 2 * h * c.padded_vocab_size
+    for layer in range(c.num_layers):
+        per_token += attention
+        if moe is not None and moe.is_moe_layer(layer, c.num_layers):
+            per_token += 2 * h * moe.num_experts  # router
+            per_token += moe.moe_router_topk * mlp(moe.moe_ffn_hidden_size or f)
+            per_token += mlp(moe.moe_shared_expert_intermediate_size or 0)
+        else:
+            per_token += mlp(f)
     return 3.0 * batch_size * s * per_token

@@ -122,6 +122,8 @@ class GPTModel(nn.Module):
         tp_group=None,
         share_embeddings: bool = False,
         device=None,
+        moe=None,
+        moe_groups=None,
         cp_group=None,
     ):
         super().__init__()
@@ -143,8 +145,15 @@ class GPTModel(nn.Module):
         self.decoder.layers = nn.ModuleDict(
             {
                 str(i): TransformerLayer(
-                    c, f"decoder.layers.{i}.", init, tp_group, device, cp_group
-                )
+                    c,
+                    f"decoder.layers.{i}.",
+                    init,
+                    tp_group,
+                    device,
+                    moe=moe if moe is not None and moe.is_moe_layer(i, c.num_layers) else None,
+                    moe_groups=moe_groups,
+                    cp_group=cp_group,
+                )  # fmt: skip
                 for i in layer_ids
             }
         )
@@ -267,6 +276,8 @@ def build_model(
     pp_rank: Optional[int] = None,
     device=None,
     use_parallel_state: bool = True,
+    moe=None,
+    moe_groups=None,
     cp_group=None,
 ) -> list[GPTModel]:
     """This rank's model chunks (one per virtual stage, in chunk order).
@@ -274,10 +285,15 @@ def build_model(
     By default the TP group and the pipeline rank come from `megalite.parallel_state` and must
     agree with the sizes in `config`; ``use_parallel_state=False`` builds from `tp_group` and
     `pp_rank` alone (a single-process model: ``tp_group=None, pp_rank=0`` with TP = PP = 1).
-    The same `seed` gives the same full model at every layout. Context parallelism: the CP group
-    comes from the parallel state (``use_parallel_state=False``: `cp_group`, None for CP = 1),
-    the attention kind from ``config.cp_comm_type``; the weights do not depend on CP.
+    The same `seed` gives the same full model at every layout. `moe` (a
+    `megalite.moe.MoEConfig` with experts) makes its MoE layers; their groups come from
+    parallel_state, or `moe_groups` (None with ``use_parallel_state=False``: one process).
+    Context parallelism: the CP group comes from the parallel state (``use_parallel_state=False``:
+    `cp_group`, None for CP = 1), the attention kind from ``config.cp_comm_type``; the weights do
+    not depend on CP.
     """
+    if moe is not None and not moe.enabled:
+        moe = None
     if use_parallel_state:
         from megalite import parallel_state as ps
 
@@ -290,6 +306,11 @@ def build_model(
             )
         tp_group = ps.get_tensor_model_parallel_group()
         pp_rank = ps.get_pipeline_model_parallel_rank()
+        if moe is not None and moe_groups is None:
+            from megalite.moe.layer import MoEGroups
+
+            moe_groups = MoEGroups.from_parallel_state()
+            _check_expert_layout(moe, ps)
         actual = (
             ps.get_tensor_model_parallel_world_size(),
             ps.get_pipeline_model_parallel_world_size(),
@@ -320,7 +341,20 @@ def build_model(
             tp_group=tp_group,
             share_embeddings=pp > 1,
             device=device,
+            moe=moe,
+            moe_groups=moe_groups,
             cp_group=cp_group,
         )
         for c in range(v)
     ]
+
+
+def _check_expert_layout(moe, ps) -> None:
+    """The MoE config's EP / ETP must be the parallel state's."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    wanted = (moe.expert_model_parallel_size, moe.expert_tensor_parallel(tp))
+    actual = (ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
+    if wanted != actual:
+        raise ValueError(
+            f"MoEConfig is split for (EP, ETP) = {wanted} but the parallel state is {actual}"
+        )

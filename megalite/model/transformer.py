@@ -216,11 +216,17 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block: ``x + drop(attn(norm(x)))``, then ``x + drop(mlp(norm(x)))``."""
+    """Pre-norm block: ``x + drop(attn(norm(x)))``, then ``x + drop(mlp(norm(x)))``.
+
+    With `moe` (a `megalite.moe.MoEConfig` that makes this layer an MoE layer) the MLP is a
+    `megalite.moe.MoELayer` over `moe_groups` (same name, ``mlp.``, so names stay Megatron's:
+    ``mlp.router.weight``, ``mlp.experts.*``, ``mlp.shared_experts.*``). With a `cp_group` of 2+
+    ranks the attention is context-parallel (see `SelfAttention`).
+    """
 
     def __init__(
         self, config: GPTConfig, prefix: str, init: ParamInit, tp_group, device=None,
-        cp_group=None,
+        moe=None, moe_groups=None, cp_group=None,
     ):  # fmt: skip
         super().__init__()
         c = config
@@ -237,7 +243,13 @@ class TransformerLayer(nn.Module):
             c, prefix + "self_attention.", init, tp_group, device, cp_group
         )
         self.pre_mlp_layernorm = norm()
-        self.mlp = MLP(c, prefix + "mlp.", init, tp_group, device)
+        if moe is not None:
+            from megalite.moe.layer import MoEGroups, MoELayer
+
+            groups = moe_groups if moe_groups is not None else MoEGroups(tp=tp_group)
+            self.mlp = MoELayer(c, moe, prefix + "mlp.", init, groups, device)
+        else:
+            self.mlp = MLP(c, prefix + "mlp.", init, tp_group, device)
         self.hidden_dropout = c.hidden_dropout
 
     def forward(self, x: torch.Tensor, rope: Rope = None) -> torch.Tensor:

@@ -6,7 +6,7 @@ fails at construction with a readable message instead of deep inside a collectiv
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,6 +62,15 @@ def vocab_range(partition_vocab_size: int, rank: int) -> tuple[int, int]:
     return first, first + partition_vocab_size
 
 
+class PlanningGroup(NamedTuple):
+    """A stand-in TP group that only answers rank and size: the planner (`megalite.planner`)
+    builds a rank's real modules on the meta device with it to count their parameters, without
+    any process group. Running a collective on it fails (it is not a ProcessGroup)."""
+
+    rank: int
+    size: int
+
+
 def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     """This rank's index in `group` and the group's size.
 
@@ -70,6 +79,8 @@ def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     """
     if group is None:
         return 0, 1
+    if isinstance(group, PlanningGroup):
+        return group.rank, group.size
     return dist.get_rank(group), dist.get_world_size(group)
 
 

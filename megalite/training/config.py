@@ -5,7 +5,8 @@ training CLI is generated from them (`megalite.training.arguments`), a ``--confi
 under the command line, and the resolved config is printed at start, saved with every checkpoint
 (``meta.json`` and ``config.yaml``, which ``--config`` accepts back) and read by every tool.
 
-Sections: model (`GPTConfig`), parallel (`ParallelConfig`), optimizer (`OptimizerConfig`),
+Sections: model (`GPTConfig`), moe (`MoEConfig`), parallel (`ParallelConfig`), optimizer
+(`OptimizerConfig`),
 schedule, training, data (`DataConfig`), checkpoint, logging, and megatron (flags accepted for
 compatibility: documented no-ops, or refused with the reason).
 """
@@ -21,6 +22,7 @@ from megalite.config.parallel import ParallelConfig
 from megalite.data.config import DataConfig
 from megalite.data_parallel.optimizer import OptimizerConfig
 from megalite.model.config import GPTConfig
+from megalite.moe.config import MoEConfig
 
 
 @dataclass
@@ -197,6 +199,7 @@ class MegatronCompatConfig:
 
 SECTIONS: dict[str, type] = {
     "model": GPTConfig,
+    "moe": MoEConfig,
     "parallel": ParallelConfig,
     "optimizer": OptimizerConfig,
     "schedule": ScheduleConfig,
@@ -234,6 +237,7 @@ class RunConfig:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     megatron: MegatronCompatConfig
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     # Derived at a world size by `resolve` (not settings; recomputed on every start).
     world_size: int = 0
     data_parallel_size: int = 0
@@ -256,6 +260,7 @@ class RunConfig:
             ) from None
         self.world_size, self.data_parallel_size = world_size, dp
         self.model_config(vocab_size=None)  # the model's own layout checks, naming numbers
+        self._check_moe(world_size)
         mbs = t.micro_batch_size
         if t.global_batch_size is None:
             t.global_batch_size = mbs * dp
@@ -286,6 +291,17 @@ class RunConfig:
             if t.rampup_batch_size is not None:
                 raise ConfigError("--rampup-batch-size is not supported with --deepspeed")
         return self
+
+    def _check_moe(self, world_size: int) -> None:
+        from megalite.moe.training import check_moe_setup
+
+        p, m = self.parallel, self.moe
+        check_moe_setup(
+            m, world_size=world_size, tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            context_parallel_size=p.context_parallel_size, deepspeed=p.deepspeed,
+            sequence_parallel=p.sequence_parallel, seq_length=self.model.seq_length,
+        )  # fmt: skip
 
     def _batch_sizes(self) -> list[tuple[int, str]]:
         t = self.training

@@ -24,6 +24,7 @@ from megalite.data_parallel import (
     finalize_model_grads,
 )
 from megalite.model.gpt import pipeline_tensor_shape
+from megalite.moe import training as moe_training
 from megalite.pipeline_parallel import get_forward_backward_func
 from megalite.training.config import RunConfig
 
@@ -116,9 +117,11 @@ class MegaliteEngine(Engine):
                 p.overlap_grad_reduce,
                 o.zero_stage,
                 reduce_dtype=reduce_dtype,
+                expert_data_parallel_group=ps.get_expert_data_parallel_group(),
             )
             for c in chunks
         ]
+        self.moe_metrics: dict[str, float] = {}
         groups = ps.get_model_parallel_groups()
         self.optimizer = build_optimizer(o, self.chunks, groups)
         self.optimizer_state = self.optimizer.state_dict
@@ -158,13 +161,23 @@ class MegaliteEngine(Engine):
 
     def train_step(self, micro: list, num_microbatches: int) -> StepResult:
         self.optimizer.zero_grad()
+        # MoE aux losses weigh like one micro-batch of the (loss-scaled) LM loss.
+        moe_training.before_step(self.chunks, num_microbatches, self.optimizer.get_loss_scale())
         outputs = self._run(micro, num_microbatches, forward_only=False)
         updated, grad_norm, _ = self.optimizer.step()
+        # Expert-bias update (aux-loss-free balancing) and this step's per-layer MoE metrics.
+        self.moe_metrics = moe_training.after_step(
+            self.chunks,
+            ps.get_tensor_context_and_data_parallel_group(),
+            update_bias=updated,
+            dp_group=ps.get_data_parallel_group(),
+        )
         loss = mean_loss(outputs, self.device, self.dp_group, self.dp)
         return loss, updated, grad_norm
 
     def eval_step(self, micro: list, num_microbatches: int) -> Optional[float]:
         outputs = self._run(micro, num_microbatches, forward_only=True)
+        moe_training.reset_metrics(self.chunks)  # eval tokens are not part of the step's load
         return mean_loss(outputs, self.device, self.dp_group, self.dp)
 
     def load_optimizer_state(self, state: dict) -> None:

@@ -45,6 +45,14 @@ def device_peak_tflops(override: Optional[float] = None) -> Optional[float]:
     return None
 
 
+# MoE metric keys shown on the log line (all MoE keys go to the metrics file and TensorBoard).
+MOE_SUMMARY = (
+    ("moe_load_balancing_loss", "load balancing loss"),
+    ("moe_z_loss", "z-loss"),
+    ("moe_load_max_over_mean", "expert load max/mean"),
+)
+
+
 class Reporter:
     """Writes each logged iteration to stdout, the metrics file and TensorBoard."""
 
@@ -98,6 +106,9 @@ class Reporter:
             f"TFLOP/s/device {fmt('tflops_per_device', '.3g')}",
             f"MFU {fmt('mfu', '.1%')}",
         ]
+        for key, label in MOE_SUMMARY:  # MoE runs: means over the MoE layers
+            if key in record:
+                parts.append(f"{label} {record[key]:.4g}")
         print(" | ".join(parts), flush=True)
         self._write(record)
         if self._tb is not None:
@@ -110,6 +121,7 @@ class Reporter:
                 "tflops_per_device",
                 "mfu",
                 "step_time_s",
+                *(k for k in record if k.startswith("moe_")),  # MoE: per layer and summary
             ):
                 value = record.get(key)
                 if isinstance(value, (int, float)) and math.isfinite(value):

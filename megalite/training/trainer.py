@@ -129,6 +129,8 @@ class Trainer:
             if p.num_layers_per_virtual_pipeline_stage
             else None,
             context_parallel_size=p.context_parallel_size,
+            expert_model_parallel_size=cfg.moe.expert_model_parallel_size,
+            expert_tensor_parallel_size=cfg.moe.expert_tensor_parallel_size,
         )
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
@@ -149,7 +151,8 @@ class Trainer:
         # than 100 x any PP size) keeps (CP, PP) offsets apart; CP = 1 keeps the old seeds.
         seed_everything(cfg.training.seed + 7919 * self.cp_rank, self.tp_rank, self.pp_rank)
         self.config: GPTConfig = cfg.model_config(tokenizer_vocab_size(cfg))
-        chunks = build_model(self.config, cfg.training.seed, device=self.device)
+        self.moe = cfg.moe if cfg.moe.enabled else None
+        chunks = build_model(self.config, cfg.training.seed, device=self.device, moe=self.moe)
         self.iteration, self.consumed, self.consumed_valid = 0, 0, 0
         self.schedule, self.decoupled_schedule = cfg.lr_schedules()
         files = self._read_checkpoint(chunks)
@@ -188,6 +191,7 @@ class Trainer:
             self._say(f"no checkpoint in --load {c.load}: training from scratch")
             return None
         ckpt.check_compatible(meta, self.config, folder)
+        self._check_expert_layout(meta, folder)
         coords = {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.ckpt_dp_rank}
         load_optim = not (c.no_load_optim or c.finetune or self.cfg.parallel.deepspeed)
         files, error = None, None
@@ -213,6 +217,48 @@ class Trainer:
         self._say(f"loaded checkpoint {folder} (iteration {meta['iteration']})")
         return files
 
+    # --- MoE: experts that differ across DP ranks are saved by every DP rank -----------------
+    def _expert_layout(self) -> Optional[dict]:
+        if self.moe is None:
+            return None
+        return {
+            "num_experts": self.moe.num_experts,
+            "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
+            "expert_tensor_parallel_size": ps.get_expert_tensor_parallel_world_size(),
+        }
+
+    def _experts_split_over_dp(self) -> bool:
+        """True when DP ranks of one (TP, PP) shard hold different expert weights: EP > 1, or
+        ETP other than 1 and TP."""
+        if self.moe is None:
+            return False
+        etp = ps.get_expert_tensor_parallel_world_size()
+        tp = ps.get_tensor_model_parallel_world_size()
+        return ps.get_expert_model_parallel_world_size() > 1 or etp not in (1, tp)
+
+    def _optimizer_per_dp_rank(self) -> bool:
+        """ZeRO shards, or (MoE) a replicated optimizer whose expert state differs by DP rank:
+        every DP rank writes its own optimizer file."""
+        return self.engine.optimizer_sharded or self._experts_split_over_dp()
+
+    def _expert_state(self) -> dict:
+        return {
+            f"chunk{i}": {
+                name: p.detach()
+                for name, p in self.engine.unwrap(c).named_parameters()
+                if getattr(p, "expert", False)
+            }
+            for i, c in enumerate(self.engine.chunks)
+        }
+
+    def _check_expert_layout(self, meta: dict, folder) -> None:
+        saved, mine = meta.get("expert_layout"), self._expert_layout()
+        if saved != mine:
+            raise ckpt.CheckpointError(
+                f"checkpoint {folder} has MoE layout {saved}, this run {mine}: resuming at "
+                "another expert layout (or resharding experts) is not implemented yet"
+            )
+
     def save(self) -> None:
         from megalite.training.arguments import dump_yaml
 
@@ -226,22 +272,24 @@ class Trainer:
             "settings": settings,
             "model": to_dict(self.config),
             "padded_vocab_size": self.config.padded_vocab_size,
-            "optimizer_sharded": self.engine.optimizer_sharded,
+            "optimizer_sharded": self._optimizer_per_dp_rank(),
             "consumed_train_samples": self.consumed,
             "consumed_valid_samples": self.consumed_valid,
             "lr_schedule": self.schedule.state_dict(),
             "world_size": dist.get_world_size(),
             "data_parallel_size": self.dp,
             "context_parallel_size": self.cp,
+            "expert_layout": self._expert_layout(),
         }
         ckpt.save_checkpoint(
             cfg.checkpoint.save, self.iteration,
             coords={"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.ckpt_dp_rank},
             model_state=self.engine.model_state,
             optimizer_state=self.engine.optimizer_state,
-            optimizer_sharded=self.engine.optimizer_sharded,
+            optimizer_sharded=self._optimizer_per_dp_rank(),
             rng_state=ckpt.get_rng_state(get_rng_tracker().get_states()), meta=meta,
             extra_files={ckpt.CONFIG_FILE: dump_yaml(cfg)},
+            expert_state=self._expert_state if self._experts_split_over_dp() else None,
         )  # fmt: skip
         self._say(f"saved checkpoint at iteration {self.iteration} to {cfg.checkpoint.save}")
 
@@ -336,7 +384,7 @@ class Trainer:
                 )
             self._housekeeping()
             if self.iteration % log.log_interval == 0 or self.iteration == last:
-                self._log(loss, lr, grad_norm, skipped, step_time, gbs)
+                self._log(loss, lr, grad_norm, skipped, step_time, gbs, self._moe_metrics())
             if (
                 log.eval_iters
                 and self.valid_ds is not None
@@ -402,11 +450,25 @@ class Trainer:
             for n, r in spans.items()
         )
 
-    def _log(self, loss, lr, grad_norm, skipped, step_time, gbs) -> None:
+    def _moe_metrics(self) -> dict:
+        """This step's MoE metrics of every stage, gathered to every rank of the pipeline
+        (collective over the PP group; every rank calls it at a log iteration)."""
+        if self.moe is None:
+            return {}
+        local = self.engine.moe_metrics
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            parts: list = [None] * ps.get_pipeline_model_parallel_world_size()
+            dist.all_gather_object(parts, local, group=ps.get_pipeline_model_parallel_group())
+            local = {k: v for part in parts for k, v in part.items()}
+        from megalite.moe.layer import summarize_metrics
+
+        return summarize_metrics(local)
+
+    def _log(self, loss, lr, grad_norm, skipped, step_time, gbs, moe=None) -> None:
         if not self.writer:
             return
         tokens = gbs * self.config.seq_length
-        flops = num_floating_point_operations(self.config, gbs)
+        flops = num_floating_point_operations(self.config, gbs, moe=self.moe)
         tflops = flops / step_time / dist.get_world_size() / 1e12
         record = {
             "iteration": self.iteration,
@@ -424,4 +486,5 @@ class Trainer:
             record["global_batch_size"] = gbs
         if self.cfg.optimizer.fp16:
             record["loss_scale"] = self.engine.loss_scale()
+        record.update(moe or {})
         self.reporter.train(record)
