@@ -12,6 +12,7 @@ Layout syntax: parts glued together in any order, each size defaulting to 1::
 
     tpN   tensor-parallel size          ppN   pipeline stages       vpN  model chunks per stage
     dpN   data-parallel size            zN    megalite ZeRO stage   dsN  DeepSpeed ZeRO stage
+    cpN   context-parallel size         ulysses  all-to-all CP attention (default: ring)
     sp    sequence parallelism          bf16  bf16 (compared with a one-process bf16 run)
     epN   MoE (4 experts, top-2, aux and z losses) split over N expert-parallel ranks; the
           reference is the one-process MoE model      a2a  the all-to-all token dispatcher
@@ -44,7 +45,8 @@ from typing import Optional
 # The issue's parity matrix: every parallel dimension alone, then their combinations.
 STANDARD_MATRIX = (
     "tp2 tp4 tp2sp pp2 pp4 pp2vp2 dp2 dp2z1 dp2z2 tp2pp2 tp2dp2 pp2dp2 tp2pp2dp2z1 "
-    "dp2ds1 dp2ds2 dp2ds3 tp2pp2bf16 dp2ep2 tp2dp2ep2sp pp2dp2ep2z1a2a"
+    "dp2ds1 dp2ds2 dp2ds3 tp2pp2bf16 dp2ep2 tp2dp2ep2sp pp2dp2ep2z1a2a "
+    "cp2 cp4 cp2ulysses tp2cp2sp pp2cp2 cp2dp2z1"
 ).split()
 # The MoE of the ep layouts: small enough for the tiny model, every loss term on.
 MOE_FLAGS = (
@@ -55,7 +57,7 @@ FP32_TOLERANCE = 1e-5
 # layout moves the loss by bf16 round-off, not fp32's. The bound is about half a bf16 ulp (2^-9);
 # the tiny model at tp2pp2 deviates by 7e-5 over 10 iterations.
 BF16_TOLERANCE = 2e-3
-_PART = re.compile(r"(tp|pp|vp|dp|ds|z|ep)(\d+)|(sp)|(bf16)|(a2a)")
+_PART = re.compile(r"(tp|pp|vp|dp|ds|z|ep|cp)(\d+)|(sp)|(bf16)|(a2a)|(ulysses)")
 
 
 class LayoutSyntaxError(ValueError):
@@ -86,15 +88,21 @@ class Layout:
     """MoE with this expert-model-parallel size; None: the dense model"""
     a2a: bool = False
     """MoE with the all-to-all token dispatcher (default all-gather)"""
+    cp: int = 1
+    """context-parallel size"""
+    ulysses: bool = False
+    """all-to-all context-parallel attention (--cp-comm-type a2a; needs cp > 1)"""
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
 
     @property
     def name(self) -> str:
         parts = [f"{k}{v}" for k, v in (("tp", self.tp), ("pp", self.pp)) if v > 1]
         parts += [f"vp{self.vp}"] if self.vp > 1 else []
+        parts += [f"cp{self.cp}"] if self.cp > 1 else []
+        parts += ["ulysses"] if self.ulysses else []
         parts += [f"dp{self.dp}"] if self.dp > 1 else []
         parts += [f"ep{self.ep}"] if self.ep is not None else []
         parts += ["sp"] if self.sp else []
@@ -120,9 +128,10 @@ def parse_layout(text: str) -> Layout:
         m = _PART.match(s, pos)
         if m is None:
             raise LayoutSyntaxError(
-                f"layout {text!r}: cannot read {s[pos:]!r} (parts: tpN ppN vpN dpN zN dsN sp bf16)"
+                f"layout {text!r}: cannot read {s[pos:]!r} "
+                "(parts: tpN ppN vpN cpN dpN epN zN dsN sp bf16 a2a ulysses)"
             )
-        key = m.group(1) or m.group(3) or m.group(4) or m.group(5)
+        key = m.group(1) or m.group(3) or m.group(4) or m.group(5) or m.group(6)
         if key in values:
             raise LayoutSyntaxError(f"layout {text!r}: {key} given twice")
         values[key] = int(m.group(2)) if m.group(2) is not None else True
@@ -136,10 +145,13 @@ def parse_layout(text: str) -> Layout:
         zero=values.get("z", 0),
         ds=values.get("ds"),
         bf16=values.get("bf16", False),
+        cp=values.get("cp", 1),
+        ulysses=values.get("ulysses", False),
         ep=values.get("ep"),
         a2a=values.get("a2a", False),
     )
-    problems = [f"{k} must be >= 1" for k in ("tp", "pp", "vp", "dp") if values.get(k, 1) < 1]
+    problems = [f"{k} must be >= 1" for k in ("tp", "pp", "vp", "dp", "cp") if values.get(k, 1) < 1]
+    problems += ["ulysses needs cp > 1"] if layout.ulysses and layout.cp == 1 else []
     problems += ["z must be 0, 1 or 2"] if layout.zero > 2 else []
     problems += ["ds must be 0-3"] if layout.ds is not None and layout.ds > 3 else []
     problems += ["sp needs tp > 1"] if layout.sp and layout.tp == 1 else []
@@ -199,6 +211,8 @@ def pretrain_argv(layout: Layout, spec: ModelSpec, workdir: Path) -> list[str]:
             )
         argv.append(f"--num-layers-per-virtual-pipeline-stage={per_chunk}")
     argv += ["--sequence-parallel"] if layout.sp else []
+    argv += [f"--context-parallel-size={layout.cp}"] if layout.cp > 1 else []
+    argv += ["--cp-comm-type=a2a"] if layout.ulysses else []
     argv += [f"--zero-stage={layout.zero}"] if layout.zero else []
     argv += ["--bf16"] if layout.bf16 else []
     if layout.ep is not None:

@@ -94,7 +94,9 @@ def group_ranks(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1) -> dict[
     """Every group of every kind, as lists of global ranks, computed from the grid alone.
 
     Kinds: ``tp``, ``cp``, ``dp``, ``pp``, ``dp_cp`` (gradient reduction when CP > 1),
-    ``mp`` (model parallel: one full model replica, TP x PP), ``embedding`` (first and last
+    ``mp`` (model parallel: the ranks holding different pieces of one replica's parameters, TP x
+    PP; CP ranks hold the same parameters, so norms summed over ``mp`` must not include them,
+    as in Megatron), ``embedding`` (first and last
     pipeline stage, for tied input/output embeddings) and ``position_embedding`` (first stage).
     """
     grid = rank_grid(world_size, tp, pp, cp)
@@ -106,7 +108,7 @@ def group_ranks(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1) -> dict[
         "dp": _lines(grid, "dp"),
         "pp": pp_groups,
         "dp_cp": _lines(grid, "dp", "cp"),
-        "mp": _lines(grid, "pp", "tp") if cp == 1 else _lines(grid, "pp", "cp", "tp"),
+        "mp": _lines(grid, "pp", "tp"),
         "embedding": embedding,
         "position_embedding": [[g[0]] for g in pp_groups],
     }
@@ -498,7 +500,7 @@ def get_model_parallel_group():
 
 def get_model_parallel_world_size() -> int:
     s = get_parallel_state()
-    return s.tp * s.pp * s.cp
+    return s.tp * s.pp
 
 
 def get_model_parallel_rank() -> int:

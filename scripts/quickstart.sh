@@ -25,7 +25,7 @@ step "tokenizer"
 step "preprocess"
 [ -s "$QS/corpus_text_document.idx" ] || python tools/preprocess_data.py \
   --input "$QS/corpus.jsonl" --output-prefix "$QS/corpus" --json-keys text \
-  --tokenizer-type SentencePieceTokenizer --tokenizer-model "$QS/tok.model" --append-eod \
+  --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$QS/tok.model" --append-eod \
   --workers 2
 
 rm -rf "$QS/ckpt" "$QS/tensorboard" "$QS/metrics.jsonl"

@@ -128,7 +128,7 @@ QUICKSTART_FLAGS = """
 --num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 64
 --micro-batch-size 4 --global-batch-size 32 --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine
 --lr-warmup-iters 20 --clip-grad 1.0 --hidden-dropout 0 --attention-dropout 0 --split 98,2,0
---tokenizer-type SentencePieceTokenizer --save-interval 100000 --log-interval 20
+--tokenizer-type GPTSentencePieceTokenizer --save-interval 100000 --log-interval 20
 --eval-interval 100 --eval-iters 2 --distributed-timeout-minutes 3
 """.split()
 

@@ -130,8 +130,9 @@ def run_plain(corpus: str, prefix: str, tokenizer_args: dict, workers: int) -> N
 # ---- measurement -----------------------------------------------------------------------------
 
 
-def measure(cmd: list[str]) -> tuple[float, float, float]:
-    """Run ``cmd``; return (wall s, peak RSS MB of its process tree, CPU s of the tree).
+def measure(cmd: list[str], with_stderr: bool = False) -> tuple:
+    """Run ``cmd``; return (wall s, peak RSS MB of its process tree, CPU s of the tree), and
+    its stderr too with ``with_stderr``.
 
     CPU seconds (user + system of the command and every process it waited for, i.e. the pool
     workers too) barely depend on what else runs on the machine, unlike wall time.
@@ -162,7 +163,7 @@ def measure(cmd: list[str]) -> tuple[float, float, float]:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, peak / 1e6, cpu
+    return (wall, peak / 1e6, cpu, err) if with_stderr else (wall, peak / 1e6, cpu)
 
 
 def checksum(prefix: str) -> str:

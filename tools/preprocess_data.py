@@ -1,10 +1,12 @@
-"""Tokenize JSONL into Megatron .bin/.idx datasets (same as the ``megalite-preprocess`` script).
+"""Tokenize a corpus into Megatron .bin/.idx datasets (same as the ``megalite-preprocess`` script).
 
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \
         --json-keys text --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model \
         --append-eod --workers 2
 
-See megalite/data/preprocess.py for the flags and guarantees.
+Inputs: .jsonl / .json, their .gz / .zst, .parquet, folders of shards and globs (sorted).
+See megalite/data/preprocess.py for the flags and guarantees, docs/data.md for the tokenizer
+types and the gigatoken fast path.
 """
 
 import os

@@ -52,7 +52,7 @@ def _tokenizer_files(args: dict, out: Path) -> tuple[list[str], dict]:
                 out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast"}
             )
             written.append("tokenizer_config.json")
-    elif tok_type == "SentencePieceTokenizer" and model and os.path.exists(model):
+    elif tok_type in SENTENCEPIECE_TYPES and model and os.path.exists(model):
         import sentencepiece as spm
 
         shutil.copyfile(model, out / "tokenizer.model")
@@ -78,6 +78,9 @@ def _tokenizer_files(args: dict, out: Path) -> tuple[list[str], dict]:
         _write_json(out / "tokenizer_config.json", {"tokenizer_class": "GPT2Tokenizer"})
         written += ["vocab.json", "merges.txt", "tokenizer_config.json"]
     return written, ids
+
+
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 
 
 def _write_json(path: Path, obj: dict) -> None:

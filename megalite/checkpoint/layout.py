@@ -110,15 +110,9 @@ def true_vocab_size(meta: dict) -> Optional[int]:
     paths = [settings.get(k) for k in ("tokenizer_model", "vocab_file", "merge_file")]
     if not any(p and os.path.exists(p) for p in paths):
         return None
-    from megalite.data.tokenizers import build_tokenizer
+    from megalite.data.config import tokenizer_from_settings
 
-    tok = build_tokenizer(
-        settings["tokenizer_type"],
-        settings.get("tokenizer_model"),
-        settings.get("vocab_file"),
-        settings.get("merge_file"),
-        settings.get("vocab_size"),
-    )
+    tok = tokenizer_from_settings(settings)
     return tok.vocab_size
 
 

@@ -24,6 +24,10 @@ class ParallelConfig:
     )
     sequence_parallel: bool = option(False, "split norms/dropout along the sequence over TP")
     context_parallel_size: int = option(1, "CP: ranks one sequence is split across")
+    cp_comm_type: str = option(
+        "p2p", "CP attention: p2p (ring, any head count) or a2a (all-to-all, Ulysses)",
+        choices=("p2p", "a2a"),
+    )  # fmt: skip
     ddp_bucket_size: Optional[int] = option(None, "elements per gradient bucket")
     overlap_grad_reduce: bool = option(False, "reduce gradient buckets during the backward")
     overlap_param_gather: bool = option(
@@ -41,14 +45,19 @@ class ParallelConfig:
     local_rank: Optional[int] = option(None, "==SUPPRESS==", aliases=("--local_rank",))
 
     def __post_init__(self) -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for name in (
+            "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"
+        ):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value!r}")
-        if self.context_parallel_size != 1:
+        if self.cp_comm_type not in ("p2p", "a2a"):
+            raise ConfigError(f"--cp-comm-type must be p2p or a2a, got {self.cp_comm_type!r}")
+        if self.deepspeed and self.context_parallel_size > 1:
             raise ConfigError(
-                f"--context-parallel-size {self.context_parallel_size}: context parallelism is "
-                "not implemented yet (only 1 is accepted)"
+                f"--deepspeed with --context-parallel-size {self.context_parallel_size}: the "
+                "DeepSpeed engine path does not split sequences; use megalite's ZeRO "
+                "(--use-distributed-optimizer / --zero-stage 1|2) with context parallelism"
             )
         if self.num_layers_per_virtual_pipeline_stage is not None:
             if self.pipeline_model_parallel_size < 2:
@@ -77,4 +86,6 @@ class ParallelConfig:
             "pipeline_model_parallel_size": self.pipeline_model_parallel_size,
             "num_layers_per_virtual_pipeline_stage": self.num_layers_per_virtual_pipeline_stage,
             "sequence_parallel": self.sequence_parallel,
+            "context_parallel_size": self.context_parallel_size,
+            "cp_comm_type": self.cp_comm_type,
         }

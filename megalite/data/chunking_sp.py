@@ -72,7 +72,7 @@ def sentencepiece_splitter(tokenizer) -> Optional[ExactSplitter]:
     charsmap, symbols = sentencepiece_normalizer_and_symbols(sp.serialized_model_proto())
     user_defined = set(symbols)
     crossing = False  # does some piece (other than a user-defined one) join a letter to a symbol?
-    for i in range(tokenizer.vocab_size):
+    for i in range(sp.get_piece_size()):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
             continue
         piece = sp.id_to_piece(i)
@@ -99,7 +99,7 @@ def sentencepiece_splitter(tokenizer) -> Optional[ExactSplitter]:
     if tokenizer.model_type == "bpe" and not _charsmap_joins(
         charsmap, _IS_PRINTABLE, _IS_PRINTABLE
     ):
-        encode = _grouped_word_encoder(sp, tokenizer.vocab_size) or encode
+        encode = _grouped_word_encoder(sp, sp.get_piece_size()) or encode
     refine = None
     if tokenizer.model_type == "bpe" and not crossing:
         crossing_symbols = [s for s in symbols if _CROSSES.search(s)]

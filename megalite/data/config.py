@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from megalite.config import ConfigError, option
 
@@ -34,12 +35,17 @@ class DataConfig:
         choices=TOKENIZER_TYPES,
     )
     tokenizer_model: Optional[str] = option(None, "tokenizer .model file, tokenizer.json or dir")
-    vocab_file: Optional[str] = option(None, "vocabulary file (GPT2BPETokenizer, TikTokenizer)")
+    vocab_file: Optional[str] = option(None, "vocabulary file (GPT2BPETokenizer)")
     merge_file: Optional[str] = option(None, "BPE merges file (GPT2BPETokenizer)")
     vocab_size: Optional[int] = option(None, "vocabulary size for NullTokenizer / mock data")
     tiktoken_pattern: Optional[str] = option(
         None, "TikTokenizer split pattern (v1 or v2)", choices=("v1", "v2")
     )
+    tiktoken_num_special_tokens: int = option(1000, "TikTokenizer: ids reserved for specials")
+    tiktoken_special_tokens: Optional[list[str]] = option(
+        None, "TikTokenizer: special tokens (default <unk> <s> </s>)", nargs="+"
+    )
+    vocab_extra_ids: int = option(0, "SentencePieceTokenizer: extra <extra_id_N> tokens")
     num_workers: int = option(2, "accepted; samples are read in the training process")
     no_mmap_bin_files: bool = option(False, "accepted; .bin files are always memory-mapped")
     no_create_attention_mask_in_dataloader: bool = option(
@@ -61,3 +67,25 @@ class DataConfig:
             raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size")
         if self.mock_data and self.vocab_size is None:
             raise ConfigError("--mock-data needs --vocab-size")
+
+
+TOKENIZER_SETTINGS = (
+    "tokenizer_type",
+    "tokenizer_model",
+    "vocab_file",
+    "merge_file",
+    "vocab_size",
+    "tiktoken_pattern",
+    "tiktoken_num_special_tokens",
+    "tiktoken_special_tokens",
+    "vocab_extra_ids",
+)
+
+
+def tokenizer_from_settings(settings: Mapping[str, Any]):
+    """The tokenizer a run's data settings name (a `DataConfig`'s fields, or a checkpoint's
+    saved settings): the one place the tokenizer flags reach `build_tokenizer`."""
+    from megalite.data.tokenizers import build_tokenizer
+
+    kwargs = {k: settings[k] for k in TOKENIZER_SETTINGS if settings.get(k) is not None}
+    return build_tokenizer(**kwargs)

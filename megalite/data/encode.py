@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from megalite.data.chunking import gather_segments, merge_groups, ragged
+from megalite.data.fastpath import exact_only_pattern
 from megalite.data.indexed_dataset import _Growable
 from megalite.data.tokenizers import Tokenizer
 
@@ -83,7 +84,7 @@ class ChunkCache:
                 groups.append((chunks, *self.splitter.encode(keys)))
         if len(chunks) < len(new):
             whole = [i for i, k in enumerate(new) if type(k) is tuple]
-            encoded = self.tokenizer.tokenize_batch([new[i][0] for i in whole])
+            encoded = self.tokenizer.tokenize_body_batch([new[i][0] for i in whole])
             eod = [i for i, k in enumerate(new) if type(k) is int]
             encoded += [[self.tokenizer.eod]] * len(eod)
             groups.append((whole + eod, *ragged(encoded)))
@@ -157,6 +158,37 @@ def plain_encode(
     return ragged(encoded)
 
 
+def frame(
+    tokens: np.ndarray, lengths: np.ndarray, prefix: list[int], suffix: list[int], eod
+) -> tuple[np.ndarray, np.ndarray]:
+    """Documents' bodies -> ``prefix + body + suffix (+ [eod])`` each, with no Python loop.
+
+    A document with no tokens at all (empty body, no prefix or suffix) stays empty, with no
+    eod, as Megatron leaves such documents out; ``eod=None`` appends nothing.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    p, s = len(prefix), len(suffix)
+    keep = lengths + p + s > 0
+    out_len = np.where(keep, lengths + p + s + (eod is not None), 0)
+    out = np.empty(int(out_len.sum()), dtype=np.int64)
+    first = (np.cumsum(out_len) - out_len)[keep]  # where each kept document starts in out
+    for j, t in enumerate(prefix):
+        out[first + j] = t
+    body_start = np.cumsum(lengths) - lengths
+    shift = np.repeat(np.cumsum(out_len) - out_len + p - body_start, lengths)
+    out[np.arange(len(tokens), dtype=np.int64) + shift] = tokens
+    ends = first + p + lengths[keep]
+    for j, t in enumerate(suffix):
+        out[ends + j] = t
+    if eod is not None:
+        out[ends + s] = eod
+    return out, out_len
+
+
+class FastPathMismatch(ValueError):
+    """The fast path gave other tokens than the reference tokenizer during the run."""
+
+
 @dataclass
 class BlockResult:
     """What a worker returns for one block of lines, per JSON key."""
@@ -168,8 +200,43 @@ class BlockResult:
     nbytes: int = 0
 
 
+def parse_jsonl(json_keys: list[str], first_line: int, blob: bytes) -> tuple[BlockResult, dict]:
+    """Whole JSONL lines -> (a BlockResult with docs / bad / nbytes, ``{key: texts}``)."""
+    out = BlockResult(nbytes=len(blob))
+    texts: dict[str, list[str]] = {k: [] for k in json_keys}
+    for i, line in enumerate(blob.split(b"\n")):
+        if not line or line.isspace():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            out.bad.append((first_line + i, f"malformed JSON ({e})"))
+            continue
+        if not isinstance(obj, dict):
+            out.bad.append((first_line + i, f"a JSON {type(obj).__name__}, not an object"))
+            continue
+        values = [obj.get(k) for k in json_keys]
+        bad = [k for k, v in zip(json_keys, values) if not isinstance(v, str)]
+        if bad:
+            problem = bad[0]
+            what = "missing" if problem not in obj else f"of type {type(obj[problem]).__name__}"
+            out.bad.append((first_line + i, f"key {problem!r} is {what}, not a string"))
+            continue
+        for k, v in zip(json_keys, values):
+            texts[k].append(v)
+        out.docs += 1
+    return out, texts
+
+
 class BlockEncoder:
-    """Parses JSONL blocks and encodes the values of ``json_keys`` (one worker's state)."""
+    """Parses blocks (JSONL lines or parquet rows) and encodes the values of ``json_keys``
+    (one worker's state).
+
+    Encoding paths, all giving the same tokens: ``fast_encoder`` (a ``fastpath`` encoder that
+    passed its self-check) for the documents' bodies; else the chunk cache when the tokenizer has
+    an exact splitter; else the tokenizer's own batched encode. Bodies are then framed with the
+    tokenizer's ``prefix`` / ``suffix`` and the eod.
+    """
 
     def __init__(
         self,
@@ -179,49 +246,90 @@ class BlockEncoder:
         dtype,
         fast: bool = True,
         max_chunks: int = 1 << 20,
+        fast_encoder=None,
     ):
         self.tokenizer = tokenizer
         self.json_keys = json_keys
         self.append_eod = append_eod
         self.dtype = np.dtype(dtype)
+        self.fast_encoder = fast_encoder
+        self.exact_only = exact_only_pattern(tokenizer) if fast_encoder is not None else None
+        self.framed = bool(tokenizer.prefix or tokenizer.suffix)
         self.cache: Optional[ChunkCache] = None
-        if fast and tokenizer.exact_splitter() is not None:
+        if fast and fast_encoder is None and tokenizer.exact_splitter() is not None:
             self.cache = ChunkCache(tokenizer, max_chunks)
 
+    def _bodies(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Each document's tokens without prefix, suffix or eod, through the fast encoder;
+        documents holding special-token text go through the tokenizer itself."""
+        pattern = self.exact_only
+        special = [i for i, t in enumerate(texts) if pattern.search(t)] if pattern else []
+        if not special:
+            tokens, lengths = self.fast_encoder(texts)
+            self._spot_check(texts, tokens, lengths)
+            return tokens, lengths
+        plain = sorted(set(range(len(texts))) - set(special))
+        encoded = ragged(self.tokenizer.tokenize_body_batch([texts[i] for i in special]))
+        fast = self.fast_encoder([texts[i] for i in plain])
+        self._spot_check([texts[i] for i in plain], *fast)
+        return merge_groups([(plain, *fast), (special, *encoded)], len(texts))
+
+    def _spot_check(self, texts: list[str], tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """The fast path's start-up check covers a sample; this one re-encodes one document
+        of every block (the first of at most 4K characters, else the shortest: a fraction of a
+        percent of the text) with the reference tokenizer, and stops the run if they differ:
+        the output would not be the reference's."""
+        if not texts:
+            return
+        sizes = np.fromiter(map(len, texts), np.int64, len(texts))
+        small = np.flatnonzero(sizes <= 4096)
+        d = int(small[0]) if len(small) else int(sizes.argmin())
+        want = self.tokenizer.tokenize_body_batch([texts[d]])[0]
+        start = int(lengths[:d].sum())
+        if tokens[start : start + lengths[d]].tolist() != want:
+            raise FastPathMismatch(
+                f"the fast path (gigatoken) and {type(self.tokenizer).__name__} disagree on "
+                f"{texts[d][:60]!r}...: rerun with --fast-tokenizer exact"
+            )
+
     def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        if self.cache is not None:
+        tok, eod = self.tokenizer, (self.tokenizer.eod if self.append_eod else None)
+        if self.fast_encoder is not None:
+            tokens, lengths = frame(*self._bodies(texts), tok.prefix, tok.suffix, eod)
+        elif self.cache is not None and self.framed:
+            tokens, lengths = frame(*self.cache.encode(texts, False), tok.prefix, tok.suffix, eod)
+        elif self.cache is not None:
             tokens, lengths = self.cache.encode(texts, self.append_eod)
         else:
-            tokens, lengths = plain_encode(self.tokenizer, texts, self.append_eod)
-        if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.tokenizer.vocab_size):
-            raise ValueError(f"token id outside the vocabulary of {self.tokenizer.vocab_size}")
+            tokens, lengths = plain_encode(tok, texts, self.append_eod)
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= tok.vocab_size):
+            raise ValueError(f"token id outside the vocabulary of {tok.vocab_size}")
         return tokens.astype(self.dtype, copy=False), lengths
 
-    def encode_block(self, first_line: int, blob: bytes) -> BlockResult:
-        """``blob``: whole JSONL lines, the first of them numbered ``first_line`` (1-based)."""
-        out = BlockResult(nbytes=len(blob))
-        texts: dict[str, list[str]] = {k: [] for k in self.json_keys}
-        for i, line in enumerate(blob.split(b"\n")):
-            if not line or line.isspace():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                out.bad.append((first_line + i, f"malformed JSON ({e})"))
-                continue
-            if not isinstance(obj, dict):
-                out.bad.append((first_line + i, f"a JSON {type(obj).__name__}, not an object"))
-                continue
-            values = [obj.get(k) for k in self.json_keys]
-            bad = [k for k, v in zip(self.json_keys, values) if not isinstance(v, str)]
-            if bad:
-                problem = bad[0]
-                what = "missing" if problem not in obj else f"of type {type(obj[problem]).__name__}"
-                out.bad.append((first_line + i, f"key {problem!r} is {what}, not a string"))
-                continue
-            for k, v in zip(self.json_keys, values):
-                texts[k].append(v)
-            out.docs += 1
+    def encode_block(self, first_line: int, blob) -> BlockResult:
+        """``blob``: whole JSONL lines (bytes), the first numbered ``first_line`` (1-based), or
+        a parquet batch ``{key: values}`` whose first row is ``first_line``."""
+        if isinstance(blob, dict):
+            return self._encode_rows(first_line, blob)
+        out, texts = parse_jsonl(self.json_keys, first_line, blob)
         for k in self.json_keys:
             out.tokens[k], out.lengths[k] = self.encode_texts(texts[k])
+        return out
+
+    def _encode_rows(self, first_row: int, columns: dict) -> BlockResult:
+        """Parquet rows; a null in a key column is a bad row (like a missing JSON key)."""
+        out = BlockResult()
+        rows = len(columns[self.json_keys[0]])
+        good = np.ones(rows, dtype=bool)
+        for k in self.json_keys:
+            for r in (i for i, v in enumerate(columns[k]) if v is None):
+                if good[r]:
+                    out.bad.append((first_row + r, f"column {k!r} is null, not a string"))
+                good[r] = False
+        out.bad.sort()
+        for k in self.json_keys:
+            texts = [v for v, g in zip(columns[k], good) if g] if len(out.bad) else columns[k]
+            out.nbytes += sum(len(t.encode("utf-8")) for t in texts)
+            out.tokens[k], out.lengths[k] = self.encode_texts(texts)
+        out.docs = int(good.sum())
         return out

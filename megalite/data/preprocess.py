@@ -1,41 +1,45 @@
-"""JSONL -> Megatron .bin/.idx, with Megatron's flags. Console script ``megalite-preprocess``.
+"""Corpus -> Megatron .bin/.idx, with Megatron's flags. Console script ``megalite-preprocess``.
 
-    megalite-preprocess --input 'data/*.jsonl.gz' --output-prefix out/corpus --json-keys text \\
+    megalite-preprocess --input 'data/*.jsonl.zst' --output-prefix out/corpus --json-keys text \\
         --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model --append-eod \\
         --workers 2
 
 writes ``out/corpus_text_document.bin/.idx``, one sequence (and document) per input line.
+Inputs (readers.py): ``.jsonl`` / ``.json``, ``.gz`` and ``.zst`` of those, ``.parquet`` (the
+``--json-keys`` columns), folders of such shards and globs, in sorted order.
 
-Streaming: the main process reads the inputs in blocks of whole lines, at most ``2 * workers``
-blocks are in flight, and each worker returns flat numpy token arrays that the main process
-appends to the .bin: memory stays flat whatever the corpus size. Outputs are written under
-temporary names and renamed only when everything succeeded. A bad line (malformed JSON, missing
-key, non-string value) stops the run with ``file:line`` unless ``--skip-bad-lines``. A document
-with no tokens (empty text) is left out, as Megatron does.
+Streaming: the main process reads the inputs in blocks (1 MB of whole lines, or 1024 parquet
+rows), at most ``2 * workers`` blocks are in flight, and each worker returns flat numpy token
+arrays that the main process appends to the .bin: memory stays flat whatever the corpus size.
+Outputs are written under temporary names and renamed only when everything succeeded. A bad
+line (malformed JSON, missing key, non-string value, parquet null) stops the run with
+``file:line`` unless ``--skip-bad-lines``. A document with no tokens (empty text) is left out.
+Encoding goes through gigatoken when its start-up self-check shows it exact (fastpath.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import multiprocessing as mp
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
-from megalite.data.encode import BlockEncoder, BlockResult
+import numpy as np
+
+from megalite.data.chunking import gather_segments
+from megalite.data.encode import BlockEncoder, BlockResult, parse_jsonl
+from megalite.data.fastpath import SAMPLE_DOCS, choose_fast_encoder, gigatoken_encoder
 from megalite.data.indexed_dataset import IndexedDatasetWriter, best_dtype
+from megalite.data.merge import merge_datasets
+from megalite.data.readers import InputError, expand_inputs, known_size, read_blocks
 from megalite.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 
-BLOCK_BYTES = 1 << 20
 
-
-class PreprocessError(ValueError):
+class PreprocessError(InputError):
     """Bad input; the message names the file (and line) and what is wrong."""
 
 
@@ -59,54 +63,78 @@ class PreprocessStats:
         )
 
 
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Each ``--input`` is a file or a glob; a pattern matching nothing is an error."""
-    paths: list[str] = []
-    for pattern in patterns:
-        found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        found = [p for p in found if os.path.isfile(p)]
-        if not found:
-            raise PreprocessError(f"--input {pattern}: no such file")
-        paths.extend(found)
-    return paths
-
-
-def read_blocks(paths: list[str], block_bytes: int = BLOCK_BYTES) -> Iterator[tuple]:
-    """Yield ``(path, first_line_number, blob)`` with ``blob`` = whole lines, ~block_bytes."""
-    for path in paths:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            line, rest = 1, b""
-            while True:
-                data = f.read(block_bytes)
-                if not data:
-                    break
-                data = rest + data if rest else data
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:  # one line longer than a block: keep reading
-                    rest = data
-                    continue
-                blob, rest = data[:cut], data[cut:]
-                yield path, line, blob
-                line += blob.count(b"\n")
-            if rest:
-                yield path, line, rest
-
-
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_args: dict, json_keys, append_eod, dtype, fast) -> None:
+def _init_worker(tokenizer_args: dict, json_keys, append_eod, dtype, fast, fast_build) -> None:
     # One single-threaded tokenizer per process: Rust-side thread pools would only fight the
     # other workers for the same cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = build_tokenizer(**tokenizer_args)
-    _WORKER["encoder"] = BlockEncoder(tokenizer, json_keys, append_eod, dtype, fast)
+    encoder = None
+    if fast_build == "gigatoken":
+        from megalite.data.fastpath import _gigatoken_for
+
+        encoder = gigatoken_encoder(_gigatoken_for(tokenizer)[0])
+    elif fast_build is not None:
+        encoder = fast_build(tokenizer)
+    _WORKER["encoder"] = BlockEncoder(
+        tokenizer, json_keys, append_eod, dtype, fast, fast_encoder=encoder
+    )
 
 
 def _encode(task: tuple) -> tuple[str, BlockResult]:
     path, first_line, blob = task
     return path, _WORKER["encoder"].encode_block(first_line, blob)
+
+
+def read_sample(paths: list[str], json_keys: list[str], docs: int = SAMPLE_DOCS) -> list[str]:
+    """The first ``docs`` documents' texts (first key) of the input: the self-check's sample."""
+    sample: list[str] = []
+    for _, first, blob in read_blocks(paths, json_keys):
+        if isinstance(blob, dict):
+            sample += [t for t in blob[json_keys[0]] if t is not None]
+        else:
+            sample += parse_jsonl(json_keys, first, blob)[1][json_keys[0]]
+        if len(sample) >= docs:
+            break
+    return sample[:docs]
+
+
+class _Partitions:
+    """Megatron's ``--partitions P`` order: document ``i`` goes to partition ``i % P`` and the
+    partitions are concatenated (documents 0, P, 2P, ..., then 1, P+1, ...). Each partition is
+    a temporary dataset, merged at the end in constant memory."""
+
+    def __init__(self, prefix: str, dtype, count: int):
+        self.count, self.seen, self.prefix = count, 0, prefix
+        self.names = [f"{prefix}.partition{p}" for p in range(count)]
+        self.writers = [IndexedDatasetWriter(n, dtype) for n in self.names]
+        self.num_tokens = 0
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """``lengths``: one per document, 0 for a left-out empty one (it still takes a turn)."""
+        where = (self.seen + np.arange(len(lengths))) % self.count
+        starts = np.cumsum(lengths) - lengths
+        for p, writer in enumerate(self.writers):
+            mine = (where == p) & (lengths > 0)
+            mine_tokens = gather_segments(tokens, starts[mine], lengths[mine])
+            writer.add_documents(mine_tokens, lengths[mine])
+        self.seen += len(lengths)
+        self.num_tokens += len(tokens)
+
+    def finalize(self) -> None:
+        for writer in self.writers:
+            writer.finalize()
+        merge_datasets(self.names, self.prefix).close()
+        self.abort()
+
+    def abort(self) -> None:
+        for writer, name in zip(self.writers, self.names):
+            writer.abort()
+            for ext in (".bin", ".idx"):
+                if os.path.exists(name + ext):
+                    os.remove(name + ext)
 
 
 def preprocess(
@@ -119,16 +147,28 @@ def preprocess(
     skip_bad_lines: bool = False,
     fast: bool = True,
     progress: Optional[bool] = None,
-    log=sys.stderr,
+    log=None,
+    fast_tokenizer: str = "auto",
+    partitions: int = 1,
+    keep_sequential_samples: bool = False,
+    log_interval: int = 0,
+    _fast_build: Optional[Callable] = None,
 ) -> PreprocessStats:
-    """Tokenize JSONL ``inputs`` into ``{output_prefix}_{key}_document.{bin,idx}`` per key.
+    """Tokenize ``inputs`` into ``{output_prefix}_{key}_document.{bin,idx}`` per key.
 
     ``tokenizer_args``: keyword arguments of ``build_tokenizer``. ``fast=False`` uses the
     tokenizer's plain batched encode instead of chunk memoisation (same tokens, slower).
+    ``fast_tokenizer``: "auto" tries gigatoken behind its self-check, "exact" never does.
+    ``partitions`` > 1 without ``keep_sequential_samples``: Megatron's round-robin order (see
+    ``_Partitions``); with it, input order (as Megatron's sequential partitions give).
+    ``log_interval``: a Megatron-style progress line every that many documents (0: none).
     ``progress``: a tqdm bar (None: only on a terminal). Raises ``PreprocessError`` for bad
-    input, after removing every temporary file.
+    input, after removing every temporary file. ``_fast_build``: tests' stand-in fast path.
     """
     start = time.perf_counter()
+    log = log or sys.stderr
+    say = lambda line: print(line, file=log)  # noqa: E731
+    json_keys = list(json_keys)
     paths = expand_inputs(inputs)
     tokenizer = build_tokenizer(**tokenizer_args)  # fail early on a bad tokenizer file
     if append_eod:
@@ -139,7 +179,14 @@ def preprocess(
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(out_dir):
         raise PreprocessError(f"--output-prefix {output_prefix}: no directory {out_dir}")
-    total = None if any(p.endswith(".gz") for p in paths) else sum(map(os.path.getsize, paths))
+    fast_build = None
+    if fast_tokenizer == "auto" and fast:
+        encoder = choose_fast_encoder(
+            tokenizer, read_sample(paths, json_keys), say, build=_fast_build
+        )
+        if encoder is not None:
+            fast_build = _fast_build or "gigatoken"
+    total = sum(map(os.path.getsize, paths)) if known_size(paths) else None
     from tqdm import tqdm
 
     bar = tqdm(
@@ -150,14 +197,19 @@ def preprocess(
         disable=(None if progress is None else not progress),
         file=log,
     )
-    init = (tokenizer_args, list(json_keys), append_eod, dtype, fast)
+    init = (tokenizer_args, json_keys, append_eod, dtype, fast, fast_build)
     pool = mp.Pool(workers, initializer=_init_worker, initargs=init)
-    writers: dict[str, IndexedDatasetWriter] = {}
+    writers: dict = {}
     try:
-        writers = {k: IndexedDatasetWriter(p, dtype) for k, p in prefixes.items()}
+        if partitions > 1 and not keep_sequential_samples:
+            writers = {k: _Partitions(p, dtype, partitions) for k, p in prefixes.items()}
+        else:
+            writers = {k: IndexedDatasetWriter(p, dtype) for k, p in prefixes.items()}
         inflight: collections.deque = collections.deque()
+        next_log = log_interval
 
         def drain_one() -> None:
+            nonlocal next_log
             path, res = inflight.popleft().get()
             if res.bad and not skip_bad_lines:
                 line, reason = res.bad[0]
@@ -167,19 +219,27 @@ def preprocess(
             for line, reason in res.bad:
                 stats.bad_lines += 1
                 if stats.bad_lines <= 5:  # show the first few, count the rest
-                    print(f"skipped {path}:{line}: {reason}", file=log)
+                    say(f"skipped {path}:{line}: {reason}")
             for k, writer in writers.items():
                 lengths = res.lengths[k]
-                keep = lengths > 0
-                stats.empty_docs += int((~keep).sum())
-                writer.add_documents(res.tokens[k], lengths[keep])
+                stats.empty_docs += int((lengths == 0).sum())
+                if isinstance(writer, _Partitions):
+                    writer.add(res.tokens[k], lengths)
+                else:
+                    writer.add_documents(res.tokens[k], lengths[lengths > 0])
             stats.docs += int(res.docs)
             stats.nbytes += res.nbytes
             bar.update(res.nbytes)
             elapsed = time.perf_counter() - start
             bar.set_postfix_str(f"{stats.docs / elapsed:,.0f} docs/s", refresh=False)
+            if log_interval and stats.docs >= next_log:
+                next_log += log_interval * ((stats.docs - next_log) // log_interval + 1)
+                say(
+                    f"Processed {stats.docs} documents ({stats.docs / elapsed:.1f} docs/s, "
+                    f"{stats.nbytes / elapsed / 2**20:.2f} MB/s)."
+                )
 
-        for task in read_blocks(paths):
+        for task in read_blocks(paths, json_keys):
             inflight.append(pool.apply_async(_encode, (task,)))
             if len(inflight) >= 2 * workers:
                 drain_one()
@@ -205,31 +265,90 @@ def preprocess(
 
 
 def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Tokenize JSONL into Megatron .bin/.idx datasets.")
+    p = argparse.ArgumentParser(description="Tokenize a corpus into Megatron .bin/.idx datasets.")
     g = p.add_argument_group("input data")
-    g.add_argument("--input", nargs="+", required=True, help="JSONL files, .jsonl.gz or globs")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract")
+    g.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help=".jsonl/.json(.gz/.zst) or .parquet files, folders of them, or globs (sorted)",
+    )
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys (parquet: columns)")
     g.add_argument("--skip-bad-lines", action="store_true", help="count bad lines, go on")
+    g.add_argument(
+        "--split-sentences",
+        action="store_true",
+        help="refused: Megatron splits with NLTK punkt, a model megalite does not download",
+    )
+    g.add_argument(
+        "--keep-newlines",
+        action="store_true",
+        help="only acts with --split-sentences (as in Megatron); accepted, changes nothing",
+    )
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    g.add_argument("--tokenizer-model", help="SentencePiece .model, or tokenizer.json / folder")
+    g.add_argument("--tokenizer-model", help="SentencePiece .model, tokenizer.json, tiktoken .json")
     g.add_argument("--vocab-file", help="GPT-2 vocab.json")
     g.add_argument("--merge-file", help="GPT-2 merges.txt")
-    g.add_argument("--vocab-size", type=int, help="NullTokenizer: ids are 0..V-1, eod = V")
+    g.add_argument(
+        "--vocab-size", type=int, help="NullTokenizer: ids 0..V-1, eod = V; TikTokenizer: V"
+    )
+    g.add_argument("--tiktoken-pattern", choices=("v1", "v2"), help="TikTokenizer split regex")
+    g.add_argument(
+        "--tiktoken-num-special-tokens", type=int, default=1000, help="TikTokenizer: ids below"
+    )
+    g.add_argument(
+        "--tiktoken-special-tokens",
+        "--tokenizer-special-tokens",
+        nargs="+",
+        help="TikTokenizer: must hold <unk> <s> </s> (default: those three)",
+    )
     g.add_argument("--append-eod", action="store_true", help="append eod after each document")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/idx")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="worker processes")
+    g.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="Megatron's partitions: documents dealt round-robin, then concatenated",
+    )
+    g.add_argument(
+        "--keep-sequential-samples",
+        action="store_true",
+        help="with --partitions: keep the input order (Megatron's sequential partitions)",
+    )
+    g.add_argument("--log-interval", type=int, default=1000, help="progress line every N docs")
     g.add_argument("--no-chunk-cache", action="store_true", help="encode documents whole")
+    g.add_argument(
+        "--fast-tokenizer",
+        choices=("auto", "exact"),
+        default="auto",
+        help="auto: gigatoken where its self-check shows it exact; exact: never",
+    )
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
+    if args.partitions < 1:
+        p.error(f"--partitions must be at least 1 (got {args.partitions})")
+    if args.log_interval < 0:
+        p.error(f"--log-interval must be 0 (off) or more (got {args.log_interval})")
+    if args.split_sentences:
+        p.error(
+            "--split-sentences is not supported: Megatron splits with NLTK's punkt model, which "
+            "must be downloaded (nothing is fetched here), and its sentence boundaries would "
+            "have to match NLTK's exactly; preprocess whole documents instead"
+        )
     return args
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = get_args(argv)
+    return run(get_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Preprocess with parsed flags (``get_args``); 0 on success, 1 after an error message."""
     tokenizer_args = dict(
         tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model,
@@ -237,6 +356,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         merge_file=args.merge_file,
         vocab_size=args.vocab_size,
     )
+    if args.tokenizer_type == "TikTokenizer":
+        tokenizer_args.update(
+            tiktoken_pattern=args.tiktoken_pattern,
+            tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
+            tiktoken_special_tokens=args.tiktoken_special_tokens,
+        )
     try:
         stats = preprocess(
             args.input,
@@ -247,8 +372,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             workers=args.workers,
             skip_bad_lines=args.skip_bad_lines,
             fast=not args.no_chunk_cache,
+            fast_tokenizer=args.fast_tokenizer,
+            partitions=args.partitions,
+            keep_sequential_samples=args.keep_sequential_samples,
+            log_interval=args.log_interval,
         )
-    except (PreprocessError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(stats.summary(), file=sys.stderr)

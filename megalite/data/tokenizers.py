@@ -1,20 +1,24 @@
-"""Tokenizers for preprocessing and training; every one reads local files, nothing is fetched.
+"""Megatron's tokenizer types; every one reads local files, nothing is fetched.
 
 Common interface (``Tokenizer``): ``vocab_size``, ``eod`` (the id appended after each document),
-``tokenize(text) -> list[int]``, ``tokenize_batch(texts) -> list[list[int]]``,
-``detokenize(ids) -> str``. ``tokenize`` never adds BOS/EOS or other template tokens: documents
-are separated by ``eod`` at preprocessing time.
+``tokenize(text) -> list[int]`` and ``tokenize_batch(texts)`` with Megatron's semantics for the
+type (Llama2Tokenizer puts BOS in front; SentencePieceTokenizer turns special-token text into
+special tokens; the others encode plain text), ``detokenize(ids) -> str``. Preprocessing writes
+``prefix + body + suffix + [eod]`` per document: ``prefix`` is ``[bos]`` for Llama2Tokenizer
+(and a HF template's tokens), else empty; ``tokenize_body_batch`` gives the body.
 
 ``exact_splitter()`` returns, when the tokenizer's own rules allow it, an ``ExactSplitter``
-(chunking.py): a way to cut a document into chunks whose encodings concatenate to the document's.
-Preprocessing memoises chunk encodings through it, which is where its speed comes from;
-tokenizers whose configuration breaks the exactness argument get ``None`` and are encoded whole.
+(chunking.py): a way to cut a document into chunks whose encodings concatenate to the
+document's body. Preprocessing memoises chunk encodings through it, which is where its speed
+comes from; tokenizers whose configuration breaks the exactness argument get ``None``.
+Special-token ids follow Megatron-LM's ``megatron/training/tokenizer/tokenizer.py``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Optional
 
 from megalite.data.chunking import ExactSplitter, byte_level_splitter
@@ -23,8 +27,10 @@ from megalite.data.chunking_sp import sentencepiece_model_type, sentencepiece_sp
 TOKENIZER_TYPES = (
     "SentencePieceTokenizer",
     "GPTSentencePieceTokenizer",
+    "Llama2Tokenizer",
     "HuggingFaceTokenizer",
     "GPT2BPETokenizer",
+    "TikTokenizer",
     "NullTokenizer",
 )
 
@@ -34,6 +40,9 @@ class Tokenizer:
 
     vocab_size: int
     _eod: Optional[int] = None
+    prefix: list[int] = []  # ids put in front of every document (Llama2Tokenizer: [bos])
+    suffix: list[int] = []  # ids put after every document's own (before eod)
+    special_pattern = None  # a compiled regex of special-token text that tokenize() splits at
 
     @property
     def eod(self) -> int:
@@ -46,6 +55,10 @@ class Tokenizer:
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.tokenize(t) for t in texts]
+
+    def tokenize_body_batch(self, texts: list[str]) -> list[list[int]]:
+        """``tokenize_batch`` without ``prefix`` and ``suffix``."""
+        return self.tokenize_batch(texts)
 
     def detokenize(self, ids) -> str:
         raise NotImplementedError
@@ -62,8 +75,9 @@ def _need_file(path: Optional[str], flag: str, owner: str) -> str:
     return path
 
 
-class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece ``.model`` file; ``eod`` is its ``</s>`` (eos) id."""
+class GPTSentencePieceTokenizer(Tokenizer):
+    """A SentencePiece ``.model`` file, as Megatron's GPTSentencePieceTokenizer: plain encode,
+    ``eod`` = its ``</s>`` (eos) id, ``vocab_size`` = the model's piece count."""
 
     def __init__(self, model_file: str):
         import sentencepiece
@@ -94,11 +108,110 @@ class SentencePieceTokenizer(Tokenizer):
         return sentencepiece_splitter(self)
 
 
+class Llama2Tokenizer(GPTSentencePieceTokenizer):
+    """Megatron's Llama2Tokenizer: a SentencePiece model whose ``tokenize`` puts BOS in front
+    of every document (Megatron's default ``bos=True``; preprocessing writes it too);
+    ``eod`` = eos; ``vocab_size`` = the piece count."""
+
+    def __init__(self, model_file: str):
+        super().__init__(model_file)
+        if self.sp.bos_id() < 0:
+            raise ValueError(f"Llama2Tokenizer: --tokenizer-model {model_file} has no BOS piece")
+        self.prefix = [self.sp.bos_id()]
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.prefix + self.sp.encode(text)
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.prefix + ids for ids in self.sp.encode(texts)]
+
+    def tokenize_body_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+
+class SentencePieceTokenizer(GPTSentencePieceTokenizer):
+    """Megatron's SentencePieceTokenizer: the model's pieces, then the special tokens
+    ``<CLS> <SEP> <EOD> <MASK>``, the pad / bos / eos pieces (``<PAD> <BOS> <EOS>`` when the
+    model has none) and ``<extra_id_0..N-1>`` for ``vocab_extra_ids``, each given the next id
+    unless the model already has that piece. ``eod`` = ``<EOD>``; ``vocab_size`` counts them all.
+    As in Megatron, the text of a special token inside a document becomes that token.
+    """
+
+    def __init__(self, model_file: str, vocab_extra_ids: int = 0):
+        super().__init__(model_file)
+        sp = self.sp
+        vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+        self.special_tokens: dict[str, int] = {}
+
+        def add(piece: str) -> None:
+            vocab.setdefault(piece, len(vocab))
+            self.special_tokens[piece] = vocab[piece]
+
+        for piece in ("<CLS>", "<SEP>", "<EOD>", "<MASK>"):
+            add(piece)
+        for piece_id, fallback in ((sp.pad_id(), "<PAD>"), (sp.bos_id(), "<BOS>")):
+            add(sp.id_to_piece(piece_id) if 0 <= piece_id < sp.get_piece_size() else fallback)
+        eos = sp.eos_id()
+        add(sp.id_to_piece(eos) if 0 <= eos < sp.get_piece_size() else "<EOS>")
+        for i in range(vocab_extra_ids):
+            add(f"<extra_id_{i}>")
+        self.vocab_size = len(vocab)
+        self._eod = self.special_tokens["<EOD>"]
+        self._inv_special = {i: t for t, i in self.special_tokens.items()}
+        # leftmost occurrence first; at one position the earliest-added token (Megatron's rule)
+        self.special_pattern = re.compile("|".join(map(re.escape, self.special_tokens)))
+
+    def tokenize(self, text: str) -> list[int]:
+        ids, at = [], 0
+        for m in self.special_pattern.finditer(text):
+            ids += self.sp.encode(text[at : m.start()])
+            ids.append(self.special_tokens[m.group()])
+            at = m.end()
+        return ids + self.sp.encode(text[at:])
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        search = self.special_pattern.search
+        plain = [i for i, t in enumerate(texts) if not search(t)]
+        out = [None] * len(texts)
+        for i, ids in zip(plain, self.sp.encode([texts[i] for i in plain])):
+            out[i] = ids
+        for i, ids in enumerate(out):
+            if ids is None:
+                out[i] = self.tokenize(texts[i])
+        return out
+
+    def detokenize(self, ids) -> str:
+        """Megatron's: special tokens written out with a space on each side."""
+        text, run = "", []
+        for i in map(int, ids):
+            if i in self._inv_special:
+                text += self.sp.decode(run) + " " + self._inv_special[i] + " "
+                run = []
+            else:
+                run.append(i)
+        return text + self.sp.decode(run)
+
+    def exact_splitter(self) -> Optional[ExactSplitter]:
+        """The SentencePiece word splitter; documents holding a special token's text are
+        encoded whole (by ``tokenize``)."""
+        inner = sentencepiece_splitter(self)
+        if inner is None:
+            return None
+        search, split = self.special_pattern.search, inner.split
+
+        def guarded(text: str):
+            return None if search(text) else split(text)
+
+        return ExactSplitter(guarded, inner.encode, inner.refine)
+
+
 class HuggingFaceTokenizer(Tokenizer):
     """A local ``tokenizer.json`` (or a folder holding one), read with the ``tokenizers`` library.
 
     ``eod``: the ``eos_token`` of a ``tokenizer_config.json`` next to it, else the first of
-    ``<|endoftext|>``, ``<|end_of_text|>``, ``</s>``, ``<eos>`` in the vocabulary.
+    ``<|endoftext|>``, ``<|end_of_text|>``, ``</s>``, ``<eos>`` in the vocabulary. As Megatron
+    calls the tokenizer with its template, a post-processor's tokens (a Llama-3 tokenizer.json's
+    BOS) frame every document: ``prefix`` / ``suffix``, found by encoding a probe text.
     """
 
     def __init__(self, path: str, _tokenizer=None):
@@ -117,6 +230,15 @@ class HuggingFaceTokenizer(Tokenizer):
         self.tok = _tokenizer
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self._eod = self._find_eod(path)
+        self.prefix, self.suffix = self._template()
+
+    def _template(self) -> tuple[list[int], list[int]]:
+        body = self.tok.encode("a b", add_special_tokens=False).ids
+        full = self.tok.encode("a b", add_special_tokens=True).ids
+        for at in range(len(full) - len(body) + 1):
+            if full[at : at + len(body)] == body:
+                return full[:at], full[at + len(body) :]
+        raise ValueError(f"{self.path}: its post-processor changes the text's own tokens")
 
     def _find_eod(self, path: Optional[str]) -> Optional[int]:
         folder = path if path and os.path.isdir(path) else os.path.dirname(path or "")
@@ -136,9 +258,12 @@ class HuggingFaceTokenizer(Tokenizer):
         return None
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return self.prefix + self.tok.encode(text, add_special_tokens=False).ids + self.suffix
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.prefix + ids + self.suffix for ids in self.tokenize_body_batch(texts)]
+
+    def tokenize_body_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def detokenize(self, ids) -> str:
@@ -203,20 +328,39 @@ def build_tokenizer(
     vocab_file: Optional[str] = None,
     merge_file: Optional[str] = None,
     vocab_size: Optional[int] = None,
+    tiktoken_pattern: Optional[str] = None,
+    tiktoken_num_special_tokens: int = 1000,
+    tiktoken_special_tokens: Optional[list[str]] = None,
+    vocab_extra_ids: int = 0,
 ) -> Tokenizer:
     """Build a tokenizer from Megatron's flags (``--tokenizer-type``, ``--tokenizer-model``,
-    ``--vocab-file``, ``--merge-file``, ``--vocab-size``). A missing file raises
-    ``FileNotFoundError`` naming the flag and the path; an unknown type, ``ValueError``."""
-    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
-        return SentencePieceTokenizer(
-            _need_file(tokenizer_model, "--tokenizer-model", tokenizer_type)
-        )
+    ``--vocab-file``, ``--merge-file``, ``--vocab-size``, ``--tiktoken-pattern``,
+    ``--tiktoken-num-special-tokens``, ``--tiktoken-special-tokens``, ``--vocab-extra-ids``).
+    A missing file raises ``FileNotFoundError`` naming the flag and the path; an unknown type
+    or a bad setting, ``ValueError``."""
+    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        _need_file(tokenizer_model, "--tokenizer-model", tokenizer_type)
+        if tokenizer_type == "SentencePieceTokenizer":
+            return SentencePieceTokenizer(tokenizer_model, vocab_extra_ids=vocab_extra_ids)
+        if tokenizer_type == "Llama2Tokenizer":
+            return Llama2Tokenizer(tokenizer_model)
+        return GPTSentencePieceTokenizer(tokenizer_model)
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(
             _need_file(tokenizer_model, "--tokenizer-model", tokenizer_type)
         )
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(vocab_file, merge_file)
+    if tokenizer_type == "TikTokenizer":
+        from megalite.data.tiktokenizer import TikTokenizer
+
+        return TikTokenizer(
+            _need_file(tokenizer_model, "--tokenizer-model", tokenizer_type),
+            tiktoken_pattern,
+            vocab_size,
+            tiktoken_num_special_tokens,
+            tiktoken_special_tokens,
+        )
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size)
     raise ValueError(

@@ -89,6 +89,8 @@ class GPTConfig:
         None, "layers per model chunk (interleaved schedule)", cli=False
     )
     sequence_parallel: bool = option(False, "norms/dropout split along the sequence", cli=False)
+    context_parallel_size: int = option(1, "CP: ranks each sequence is split across", cli=False)
+    cp_comm_type: str = option("p2p", "CP attention: p2p (ring) or a2a (all-to-all)", cli=False)
 
     def __post_init__(self) -> None:
         if self.position_embedding_type == "learned":  # megalite's name before the flag's
@@ -165,6 +167,18 @@ class GPTConfig:
                 f"{self.seq_length}"
             )
 
+    def _check_context_parallel(self) -> None:
+        """The load-balanced split and the CP attention's own limits, naming the numbers."""
+        from megalite.context_parallel import check_heads, check_seq_length
+
+        cp, tp = self.context_parallel_size, self.tensor_model_parallel_size
+        try:
+            check_seq_length(self.seq_length, cp, tp if self.sequence_parallel else 1)
+            if self.cp_comm_type == "a2a":
+                check_heads(self.num_attention_heads, self.num_query_groups, cp, tp)
+        except ValueError as e:
+            raise ConfigError(f"--context-parallel-size {cp}: {e}") from None
+
     def _check_layout(self) -> None:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         heads, groups, layers = self.num_attention_heads, self.num_query_groups, self.num_layers
@@ -184,6 +198,8 @@ class GPTConfig:
             raise ConfigError(
                 f"--num-layers {layers} is not divisible by --pipeline-model-parallel-size {pp}"
             )
+        if self.context_parallel_size > 1:
+            self._check_context_parallel()
         per_virtual = self.num_layers_per_virtual_pipeline_stage
         if per_virtual is not None:
             if not isinstance(per_virtual, int) or per_virtual < 1:

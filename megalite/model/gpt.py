@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megalite.context_parallel import check_seq_length
+from megalite.context_parallel import position_ids as cp_position_ids
 from megalite.model.config import GPTConfig
 from megalite.model.norms import build_norm
 from megalite.model.transformer import ParamInit, TransformerLayer, rope_cache
@@ -84,10 +86,11 @@ class Embedding(nn.Module):
         self.tp_group = tp_group
         self.sequence_parallel = c.sequence_parallel and group_rank_and_size(tp_group)[1] > 1
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`positions` ``[s]``: each token's global position (CP: of this rank's chunks)."""
         x = self.word_embeddings(tokens.t())  # [s, b, h]
         if self.position_embeddings is not None:
-            x = x + self.position_embeddings.weight[: x.shape[0]].unsqueeze(1)
+            x = x + self.position_embeddings.weight.index_select(0, positions).unsqueeze(1)
         if self.sequence_parallel:
             x = scatter_to_sequence_parallel_region(x, self.tp_group)
         return x
@@ -101,6 +104,11 @@ class GPTModel(nn.Module):
       * `post_process` with labels: the per-token loss ``[b, s]`` (fp32);
       * `post_process` without labels: this rank's logits ``[b, s, V/tp]``.
     `tokens` is read only by the `pre_process` chunk; the others use `set_input_tensor`.
+
+    Context parallelism (a `cp_group` of 2+ ranks): tokens, labels and activations are this
+    rank's load-balanced part of the sequence (``s/cp`` tokens, `megalite.context_parallel`);
+    positions (learned table and RoPE) are the global ones of those tokens, and the returned
+    per-token loss is this rank's part too.
     """
 
     def __init__(
@@ -116,14 +124,21 @@ class GPTModel(nn.Module):
         device=None,
         moe=None,
         moe_groups=None,
+        cp_group=None,
     ):
         super().__init__()
         c = config
+        self.cp_group = cp_group
+        self.cp_rank, self.cp_size = group_rank_and_size(cp_group)
         init = ParamInit(seed, c.init_method_std, c.num_layers)
         self.config, self.layer_ids = c, layer_ids
         self.pre_process, self.post_process = pre_process, post_process
         self.tp_group, self.tp_size = tp_group, group_rank_and_size(tp_group)[1]
         self.sequence_parallel = c.sequence_parallel and self.tp_size > 1
+        if self.cp_size > 1:
+            check_seq_length(
+                c.seq_length, self.cp_size, self.tp_size if self.sequence_parallel else 1
+            )
         self.input_tensor: Optional[torch.Tensor] = None
         self.embedding = Embedding(c, init, tp_group, device) if pre_process else None
         self.decoder = nn.Module()
@@ -137,6 +152,7 @@ class GPTModel(nn.Module):
                     device,
                     moe=moe if moe is not None and moe.is_moe_layer(i, c.num_layers) else None,
                     moe_groups=moe_groups,
+                    cp_group=cp_group,
                 )  # fmt: skip
                 for i in layer_ids
             }
@@ -191,7 +207,10 @@ class GPTModel(nn.Module):
     def forward(
         self, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        x = self.embedding(tokens) if self.pre_process else self.input_tensor
+        if self.pre_process:
+            x = self.embedding(tokens, self.positions(tokens.shape[1], tokens.device))
+        else:
+            x = self.input_tensor
         if x is None:
             raise RuntimeError("a chunk without the embedding needs set_input_tensor() first")
         p = self.config.hidden_dropout if self.training else 0.0
@@ -214,10 +233,22 @@ class GPTModel(nn.Module):
         loss = vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group)  # [s, b]
         return loss.t().contiguous()
 
+    def positions(self, local_seq: int, device=None) -> torch.Tensor:
+        """Global positions ``[local_seq]`` of this rank's tokens (CP: its two chunks)."""
+        if self.cp_size == 1:
+            return torch.arange(local_seq, device=device)
+        return cp_position_ids(local_seq * self.cp_size, self.cp_size, self.cp_rank, device)
+
     def _layers(self, x: torch.Tensor) -> torch.Tensor:
         rope = None
         if self.config.position_embedding_type == "rope":
-            rope = (self.rope_cos, self.rope_sin)
+            # Layers see the whole local sequence (SP gathers it): cos/sin of its positions.
+            local_seq = x.shape[0] * (self.tp_size if self.sequence_parallel else 1)
+            if self.cp_size == 1:
+                rope = (self.rope_cos[:local_seq], self.rope_sin[:local_seq])
+            else:
+                pos = self.positions(local_seq, self.rope_cos.device)
+                rope = (self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos))
         full = self.config.recompute_granularity == "full" and self.training
         for layer in self.decoder.layers.values():
             if full and torch.is_grad_enabled():
@@ -229,9 +260,9 @@ class GPTModel(nn.Module):
 
 
 def pipeline_tensor_shape(config: GPTConfig, micro_batch_size: int) -> tuple[int, int, int]:
-    """The ``[s, b, h]`` crossing every stage boundary (``[s/tp, b, h]`` with SP): the
-    schedules' `tensor_shape`."""
-    s = config.seq_length
+    """The ``[s, b, h]`` crossing every stage boundary (``[s/tp, b, h]`` with SP, and ``/cp``
+    with context parallelism): the schedules' `tensor_shape`."""
+    s = config.seq_length // config.context_parallel_size
     if config.sequence_parallel and config.tensor_model_parallel_size > 1:
         s //= config.tensor_model_parallel_size
     return (s, micro_batch_size, config.hidden_size)
@@ -247,6 +278,7 @@ def build_model(
     use_parallel_state: bool = True,
     moe=None,
     moe_groups=None,
+    cp_group=None,
 ) -> list[GPTModel]:
     """This rank's model chunks (one per virtual stage, in chunk order).
 
@@ -256,12 +288,22 @@ def build_model(
     The same `seed` gives the same full model at every layout. `moe` (a
     `megalite.moe.MoEConfig` with experts) makes its MoE layers; their groups come from
     parallel_state, or `moe_groups` (None with ``use_parallel_state=False``: one process).
+    Context parallelism: the CP group comes from the parallel state (``use_parallel_state=False``:
+    `cp_group`, None for CP = 1), the attention kind from ``config.cp_comm_type``; the weights do
+    not depend on CP.
     """
     if moe is not None and not moe.enabled:
         moe = None
     if use_parallel_state:
         from megalite import parallel_state as ps
 
+        cp = ps.get_context_parallel_world_size()
+        cp_group = ps.get_context_parallel_group() if cp > 1 else None
+        if cp != config.context_parallel_size:
+            raise ValueError(
+                f"GPTConfig is split for context-parallel size {config.context_parallel_size} "
+                f"but the parallel state has {cp}"
+            )
         tp_group = ps.get_tensor_model_parallel_group()
         pp_rank = ps.get_pipeline_model_parallel_rank()
         if moe is not None and moe_groups is None:
@@ -301,6 +343,7 @@ def build_model(
             device=device,
             moe=moe,
             moe_groups=moe_groups,
+            cp_group=cp_group,
         )
         for c in range(v)
     ]

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megalite.context_parallel import check_heads, context_parallel_attention
 from megalite.model.config import GPTConfig
 from megalite.model.norms import build_norm
 from megalite.tensor_parallel import (
@@ -101,12 +102,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class SelfAttention(nn.Module):
-    """Causal self-attention: ``[s, b, h]`` (``[s/tp, b, h]`` with SP) -> the same shape."""
+    """Causal self-attention: ``[s, b, h]`` (``[s/tp, b, h]`` with SP) -> the same shape.
 
-    def __init__(self, config: GPTConfig, prefix: str, init: ParamInit, tp_group, device=None):
+    With a CP group of 2+ ranks, ``s`` is this rank's load-balanced part of the sequence
+    (`megalite.context_parallel.split`) and the core attention runs over the CP group
+    (``config.cp_comm_type`` "p2p": ring, "a2a": all-to-all); it equals full causal attention.
+    """
+
+    def __init__(
+        self, config: GPTConfig, prefix: str, init: ParamInit, tp_group, device=None,
+        cp_group=None,
+    ):  # fmt: skip
         super().__init__()
         _, tp = group_rank_and_size(tp_group)
         c, d = config, config.head_dim
+        self.cp_group, self.cp_comm_type = cp_group, c.cp_comm_type
+        cp = group_rank_and_size(cp_group)[1]
+        if cp == 1:
+            self.cp_group = None
+        elif c.cp_comm_type == "a2a":
+            check_heads(c.num_attention_heads, c.num_query_groups, cp, tp)
         self.heads_per_group = c.num_attention_heads // c.num_query_groups
         self.local_groups = c.num_query_groups // tp
         self.head_dim, self.dropout = d, c.attention_dropout
@@ -133,15 +148,18 @@ class SelfAttention(nn.Module):
         """``q [s, b, n_local, d]``, ``k, v [s, b, g_local, d]`` -> ``[s, b, n_local * d]``."""
         s, b = q.shape[:2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
-        if self.heads_per_group > 1:
-            k = k.repeat_interleave(self.heads_per_group, dim=1)
-            v = v.repeat_interleave(self.heads_per_group, dim=1)
         p = self.dropout if self.training else 0.0
         # Dropout on this rank's heads must differ across TP ranks: draw it from the tracker's
         # model-parallel stream (under SP the whole layer already runs inside that stream).
         fork = p > 0 and not self.sequence_parallel
         with get_rng_tracker().fork() if fork else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            if self.cp_group is not None:  # GQA: the CP attention takes the g key/value heads
+                out = context_parallel_attention(q, k, v, self.cp_group, self.cp_comm_type, p)
+            else:
+                if self.heads_per_group > 1:
+                    k = k.repeat_interleave(self.heads_per_group, dim=1)
+                    v = v.repeat_interleave(self.heads_per_group, dim=1)
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
     def forward(self, x: torch.Tensor, rope: Rope = None) -> torch.Tensor:
@@ -150,7 +168,7 @@ class SelfAttention(nn.Module):
         qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.head_dim)
         q = qkv[:, :, :, : self.heads_per_group].reshape(s, b, -1, self.head_dim)
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
-        if rope is not None:
+        if rope is not None:  # the model passes cos/sin of this rank's positions (CP: global)
             cos, sin = rope[0][:s], rope[1][:s]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.recompute_core and self.training and torch.is_grad_enabled():
@@ -202,12 +220,13 @@ class TransformerLayer(nn.Module):
 
     With `moe` (a `megalite.moe.MoEConfig` that makes this layer an MoE layer) the MLP is a
     `megalite.moe.MoELayer` over `moe_groups` (same name, ``mlp.``, so names stay Megatron's:
-    ``mlp.router.weight``, ``mlp.experts.*``, ``mlp.shared_experts.*``).
+    ``mlp.router.weight``, ``mlp.experts.*``, ``mlp.shared_experts.*``). With a `cp_group` of 2+
+    ranks the attention is context-parallel (see `SelfAttention`).
     """
 
     def __init__(
         self, config: GPTConfig, prefix: str, init: ParamInit, tp_group, device=None,
-        moe=None, moe_groups=None,
+        moe=None, moe_groups=None, cp_group=None,
     ):  # fmt: skip
         super().__init__()
         c = config
@@ -220,7 +239,9 @@ class TransformerLayer(nn.Module):
             )  # fmt: skip
 
         self.input_layernorm = norm()
-        self.self_attention = SelfAttention(c, prefix + "self_attention.", init, tp_group, device)
+        self.self_attention = SelfAttention(
+            c, prefix + "self_attention.", init, tp_group, device, cp_group
+        )
         self.pre_mlp_layernorm = norm()
         if moe is not None:
             from megalite.moe.layer import MoEGroups, MoELayer

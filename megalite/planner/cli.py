@@ -77,6 +77,12 @@ def load_settings(argv: Sequence[str]) -> tuple[dict, argparse.Namespace]:
 def settings_from_run_config(cfg, num_gpus: int):
     """(GPTConfig, Layout, Runtime, global batch size) of a `RunConfig` at `num_gpus` ranks."""
     cfg.resolve(num_gpus)
+    if cfg.parallel.context_parallel_size > 1 or cfg.moe.num_experts:
+        raise ValueError(
+            "the planner does not model context parallelism or mixture-of-experts layers yet "
+            "(--context-parallel-size > 1 / --num-experts): its numbers would be a dense, "
+            "unsplit-sequence model's"
+        )
     vocab = cfg.data.vocab_size
     if vocab is None:
         raise ValueError("the memory plan needs the vocabulary size: give --vocab-size")

@@ -49,7 +49,10 @@ def _forward_step(data_iterator, model):
 
 
 def mean_loss(outputs: list[dict], device, dp_group, dp: int) -> Optional[float]:
-    """Mean lm loss over a global batch (every micro-batch, every DP rank); last stage only."""
+    """Mean lm loss over a global batch (every micro-batch, every DP rank); last stage only.
+
+    With context parallelism `dp_group` is DP x CP and `dp` its size: each CP rank's loss is the
+    mean over its equal share of every sequence, so their mean is the mean over every token."""
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     loss = torch.stack([o["lm_loss"].float() for o in outputs]).mean().to(device)
@@ -103,10 +106,13 @@ class MegaliteEngine(Engine):
     def __init__(self, cfg: RunConfig, chunks: list[torch.nn.Module], device):
         p, o = cfg.parallel, cfg.optimizer
         reduce_dtype = torch.bfloat16 if p.grad_reduce_in_bf16 else torch.float32
+        # Gradients are reduced (and ZeRO shards) over DP x CP: CP ranks hold the same weights
+        # and each saw part of every sequence (their per-token means average to the global one).
+        self.dp_group = ps.get_data_parallel_group(with_context_parallel=True)
         self.chunks = [
             DistributedDataParallel(
                 c,
-                ps.get_data_parallel_group(),
+                self.dp_group,
                 p.ddp_bucket_size,
                 p.overlap_grad_reduce,
                 o.zero_stage,
@@ -127,7 +133,8 @@ class MegaliteEngine(Engine):
         )
         self.tensor_shape = pipeline_tensor_shape(model, cfg.training.micro_batch_size)
         self.dtype = cfg.optimizer.params_dtype
-        self.device, self.dp = device, ps.get_data_parallel_world_size()
+        self.device = device
+        self.dp = ps.get_data_parallel_world_size(with_context_parallel=True)
 
     def _run(self, micro: list, num_microbatches: int, forward_only: bool) -> list[dict]:
         extra: dict[str, Any] = {}
@@ -165,13 +172,13 @@ class MegaliteEngine(Engine):
             update_bias=updated,
             dp_group=ps.get_data_parallel_group(),
         )
-        loss = mean_loss(outputs, self.device, ps.get_data_parallel_group(), self.dp)
+        loss = mean_loss(outputs, self.device, self.dp_group, self.dp)
         return loss, updated, grad_norm
 
     def eval_step(self, micro: list, num_microbatches: int) -> Optional[float]:
         outputs = self._run(micro, num_microbatches, forward_only=True)
         moe_training.reset_metrics(self.chunks)  # eval tokens are not part of the step's load
-        return mean_loss(outputs, self.device, ps.get_data_parallel_group(), self.dp)
+        return mean_loss(outputs, self.device, self.dp_group, self.dp)
 
     def load_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)

@@ -23,6 +23,7 @@ from megalite import parallel_state as ps
 from megalite.checkpoint import format as ckpt
 from megalite.checkpoint.async_save import AsyncCheckpointSaver
 from megalite.config.fields import to_dict
+from megalite.context_parallel import split_batch
 from megalite.distributed import device as this_device
 from megalite.errors import UserError
 from megalite.model import GPTConfig, build_model, num_floating_point_operations
@@ -74,13 +75,10 @@ def tokenizer_vocab_size(cfg: RunConfig) -> int:
     d = cfg.data
     if d.mock_data:
         return d.vocab_size
-    from megalite.data.tokenizers import build_tokenizer
+    from megalite.data.config import tokenizer_from_settings
 
-    extra = {"tiktoken_pattern": d.tiktoken_pattern} if d.tiktoken_pattern else {}
     try:
-        tok = build_tokenizer(
-            d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file, d.vocab_size, **extra
-        )
+        tok = tokenizer_from_settings(to_dict(d))
     except (ValueError, OSError) as e:  # a file the flags name is missing or unreadable
         raise DataSetupError(str(e)) from None
     return tok.vocab_size
@@ -138,14 +136,21 @@ class Trainer:
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.cp_rank, self.cp = ps.get_context_parallel_rank(), ps.get_context_parallel_world_size()
+        # Checkpoint files are per DP x CP rank (CP ranks hold the same weights and, under ZeRO,
+        # shards of one DP x CP optimizer), so a checkpoint reads like one of DP size DP x CP.
+        self.ckpt_dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
         self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.writer = self.last_stage and self.tp_rank == 0 and self.dp_rank == 0
+        self.writer = self.writer and self.cp_rank == 0
         if self.rank == 0:
             from megalite.training.arguments import dump_yaml
 
             print("resolved configuration:\n" + dump_yaml(cfg), flush=True)
 
-        seed_everything(cfg.training.seed, self.tp_rank, self.pp_rank)
+        # CP ranks hold different tokens: their dropout masks must differ too. 7919 (prime, more
+        # than 100 x any PP size) keeps (CP, PP) offsets apart; CP = 1 keeps the old seeds.
+        seed_everything(cfg.training.seed + 7919 * self.cp_rank, self.tp_rank, self.pp_rank)
         self.config: GPTConfig = cfg.model_config(tokenizer_vocab_size(cfg))
         self.moe = cfg.moe if cfg.moe.enabled else None
         chunks = build_model(self.config, cfg.training.seed, device=self.device, moe=self.moe)
@@ -189,7 +194,7 @@ class Trainer:
             return None
         ckpt.check_compatible(meta, self.config, folder)
         self._check_expert_layout(meta, folder)
-        coords = {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp_rank}
+        coords = {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.ckpt_dp_rank}
         load_optim = not (c.no_load_optim or c.finetune or self.cfg.parallel.deepspeed)
         files, error = None, None
         try:
@@ -279,10 +284,11 @@ class Trainer:
             "lr_schedule": self.schedule.state_dict(),
             "world_size": dist.get_world_size(),
             "data_parallel_size": self.dp,
+            "context_parallel_size": self.cp,
             "expert_layout": self._expert_layout(),
         }
         common = dict(
-            coords={"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp_rank},
+            coords={"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.ckpt_dp_rank},
             rng_state=ckpt.get_rng_state(get_rng_tracker().get_states()), meta=meta,
             extra_files={ckpt.CONFIG_FILE: dump_yaml(cfg)},
         )  # fmt: skip
@@ -330,6 +336,8 @@ class Trainer:
             self.device,
             self.config.vocab_size,
         )
+        if self.cp > 1:  # every CP rank keeps its load-balanced part of each sequence
+            it = (split_batch(batch, self.cp, self.cp_rank) for batch in it)
         if len(self.engine.chunks) > 1:
             batches = list(it)
             return [iter(batches) for _ in self.engine.chunks]
@@ -381,7 +389,7 @@ class Trainer:
             f"training {self.config.num_layers}-layer GPT (hidden {self.config.hidden_size}, "
             f"vocab {self.config.padded_vocab_size}) on {dist.get_world_size()} ranks: "
             f"TP {ps.get_tensor_model_parallel_world_size()} x PP "
-            f"{ps.get_pipeline_model_parallel_world_size()} x DP {self.dp}, "
+            f"{ps.get_pipeline_model_parallel_world_size()} x CP {self.cp} x DP {self.dp}, "
             f"{self._num_microbatches(t.global_batch_size)} micro-batches of "
             f"{t.micro_batch_size}, iterations {self.iteration}..{last}"
         )

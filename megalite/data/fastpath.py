@@ -1,0 +1,152 @@
+"""gigatoken (a Rust tokenizer on PyPI) as the fast path, used only where it is shown exact.
+
+``choose_fast_encoder`` builds a gigatoken tokenizer for the given megalite tokenizer and runs a
+self-check: gigatoken and the reference tokenizer (``tokenize_body_batch``: the ``tokenizers``
+library, or ``sentencepiece``) encode a sample of the input plus ``PROBES`` (text that
+separates exact tokenizers from near ones: special-token look-alikes, whitespace runs, exotic
+spaces, scripts, emoji, code). Any token that differs, and preprocessing keeps its own exact
+path and says why. Documents holding the text of a tokenizer's special tokens or control pieces
+(``exact_only_pattern``) never go through gigatoken.
+
+Which tokenizers are tried: HuggingFaceTokenizer and GPT2BPETokenizer (byte-level BPE), and the
+SentencePiece types with byte fallback (gigatoken's SentencePiece path reads ``<s>`` in text
+as the control token where sentencepiece does not: such documents are kept from it).
+TikTokenizer and NullTokenizer stay on their own encoders.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional
+
+import numpy as np
+
+from megalite.data.tokenizers import (
+    GPTSentencePieceTokenizer,
+    HuggingFaceTokenizer,
+    Tokenizer,
+)
+
+Encoder = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
+
+PROBES = [
+    "plain words, punctuation; and CamelCase_snake-case.dotted/slashed",
+    "  leading and trailing spaces  ",
+    "tabs\tand\nnewlines\r\nand\x0bvertical\x0cform feed\x1c\x1d\x1e\x1f",
+    "multiple    spaces\n\n\n   and\t\t\tindents\n    def f(x):\n        return x  \n",
+    "unicode: naïve café ﬁ ligature ½ ² Ⅷ Ångström 東京は日本の首都です 😀👍🏽 🇫🇷 مرحبا עברית",
+    "combining e\u0301 a\u0308 and zero width \u200b\u200c\u200d joiners \ufeffbom",
+    "nbsp\xa0here ideographic\u3000space en\u2002space line\u2028sep para\u2029sep nel\x85x",
+    "special look-alikes <|endoftext|> </s> <s> <unk> <pad> \u2581 \u2581\u2581word [CLS] <0x41>",
+    "<|endoftext|>start and end<|endoftext|> <|begin_of_text|><|end_of_text|>",
+    "code: self.assertEqual(x.y[0], {'k': v}) # a+b*c/d; f(**kw)->None && a||b !x ?y",
+    "https://example.com/a?b=c&d=e#frag C:\\Dir\\x.txt ~user 1234567890 3.14159 -42 1e-9",
+    "contractions don't it's we're they've I'm you'll he'd 'quoted' '' DON'T",
+    "x" * 3000 + " " + "=" * 200 + " " + "ab" * 500,
+    " \xa0 \u3000 leading exotic space",
+    "controls \x00\x07\x7f and emoji only 😀😀😀😀😀",
+    "",
+    "   ",
+]
+SAMPLE_DOCS = 2000  # the self-check's sample: the input's first documents, up to
+SAMPLE_BYTES = 1 << 18  # this many characters (the reference tokenizer is the slow side)
+
+
+def exact_only_pattern(tokenizer: Tokenizer) -> Optional[re.Pattern]:
+    """Text that sends a document to the tokenizer itself, never to the fast path: the
+    tokenizer's special tokens (SentencePieceTokenizer splits at them) and, for SentencePiece
+    models, the text of their control and unknown pieces (``<s>``, ``</s>``, ``<unk>``), which
+    gigatoken reads as those pieces where ``sentencepiece`` encodes the characters. On a 93 MB
+    corpus with a 16k byte-fallback BPE, all 71 documents gigatoken got wrong held such text."""
+    texts = set(getattr(tokenizer, "special_tokens", {}) or {})
+    if isinstance(tokenizer, GPTSentencePieceTokenizer):
+        sp = tokenizer.sp
+        for i in range(sp.get_piece_size()):
+            if sp.is_control(i) or sp.is_unknown(i):
+                texts.add(sp.id_to_piece(i))
+    texts.discard("")
+    if not texts:
+        return None
+    return re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True))))
+
+
+def _gigatoken_for(tokenizer: Tokenizer):
+    """A gigatoken tokenizer for ``tokenizer``, or (None, reason)."""
+    try:
+        import gigatoken
+    except ImportError:
+        return None, "gigatoken is not installed"
+    try:
+        if isinstance(tokenizer, HuggingFaceTokenizer):
+            return gigatoken.Tokenizer.from_json(tokenizer.tok.to_str()), ""
+        if isinstance(tokenizer, GPTSentencePieceTokenizer):
+            return gigatoken.Tokenizer.from_sentencepiece(tokenizer.model_file), ""
+    except Exception as e:  # gigatoken refuses configurations it does not support
+        return None, f"gigatoken cannot load it ({type(e).__name__}: {e})"
+    return None, f"gigatoken has no path for {type(tokenizer).__name__}"
+
+
+def gigatoken_encoder(gt_tokenizer) -> Encoder:
+    """texts -> (flat int64 tokens, int64 lengths), on the calling thread."""
+    import awkward as ak
+
+    def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if not texts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        out = gt_tokenizer.encode_batch(texts, parallel=False)
+        flat = ak.to_numpy(ak.flatten(out, axis=1)).astype(np.int64)
+        return flat, ak.to_numpy(ak.num(out, axis=1)).astype(np.int64)
+
+    return encode
+
+
+def first_difference(tokenizer: Tokenizer, encoder: Encoder, texts: list[str]) -> Optional[str]:
+    """None when ``encoder`` gives ``tokenizer``'s body tokens on every text (but those that
+    ``exact_only_pattern`` keeps from it), else where not."""
+    pattern = exact_only_pattern(tokenizer)
+    texts = [t for t in texts if not (pattern and pattern.search(t))]
+    want = tokenizer.tokenize_body_batch(texts)
+    flat, lengths = encoder(texts)
+    ends = np.cumsum(lengths)
+    for d, (ref, end, n) in enumerate(zip(want, ends, lengths)):
+        got = flat[end - n : end].tolist()
+        if got != ref:
+            at = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(n, len(ref)))
+            return (
+                f"document {d} of the sample ({texts[d][:40]!r}...): token {at} is "
+                f"{got[at : at + 3]}, the reference gives {ref[at : at + 3]}"
+            )
+    return None
+
+
+def choose_fast_encoder(
+    tokenizer: Tokenizer, sample: list[str], log: Callable[[str], None], build=None
+) -> Optional[Encoder]:
+    """The gigatoken encoder when it passes the self-check on ``sample`` + ``PROBES``, else
+    None (and a line through ``log`` saying why). ``build``: a stand-in for the gigatoken
+    encoder factory (tests pass a deliberately wrong one to see the fallback).
+
+    Measured in one process on 20 MB of the benchmark corpus (CPU seconds, JSON parsing
+    included): a 16k byte-fallback SentencePiece BPE 0.67 through gigatoken against 1.2 through
+    megalite's chunk memo; byte-level BPE is further apart (see docs/data.md)."""
+    if build is None:
+        gt, reason = _gigatoken_for(tokenizer)
+        if gt is None:
+            log(f"fast path: {reason}; using megalite's exact encoder")
+            return None
+        encoder = gigatoken_encoder(gt)
+    else:
+        encoder = build(tokenizer)
+    sizes = np.cumsum([len(t) for t in sample[:SAMPLE_DOCS]])
+    sample = list(sample[: max(1, int(np.searchsorted(sizes, SAMPLE_BYTES)))])
+    try:
+        diff = first_difference(tokenizer, encoder, sample + PROBES)
+    except Exception as e:  # a fast path that crashes is as unusable as a wrong one
+        diff = f"it failed ({type(e).__name__}: {e})"
+    if diff is not None:
+        log(f"fast path: gigatoken is NOT exact for this tokenizer: {diff}; "
+            "falling back to megalite's exact encoder")  # fmt: skip
+        return None
+    log(f"fast path: gigatoken, exact on the {len(sample)}-document sample "
+        f"and {len(PROBES)} probes")  # fmt: skip
+    return encoder

@@ -1,0 +1,145 @@
+"""The gigatoken fast path: used only behind its self-check, which falls back when it differs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from megalite.data.chunking import ragged
+from megalite.data.fastpath import PROBES, choose_fast_encoder, exact_only_pattern
+from megalite.data.preprocess import preprocess
+from megalite.data.tokenizers import build_tokenizer
+from tests.test_data_common import (
+    EDGE_CASES,
+    stdlib_text,
+    train_byte_level_bpe,
+    train_sentencepiece,
+    write_jsonl,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fast")
+    bpe = train_byte_level_bpe(str(d / "bpe"))
+    docs = stdlib_text(80_000)
+    return {
+        "hf": {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": bpe["tokenizer_json"]},
+        "gpt2": {
+            "tokenizer_type": "GPT2BPETokenizer",
+            "vocab_file": bpe["vocab"],
+            "merge_file": bpe["merges"],
+        },
+        "sp": {
+            "tokenizer_type": "GPTSentencePieceTokenizer",
+            "tokenizer_model": train_sentencepiece(str(d / "sp.model")),
+        },
+        "docs": docs,
+        "jsonl": write_jsonl(str(d / "c.jsonl"), docs + EDGE_CASES),
+    }
+
+
+def exact_build(tokenizer):
+    """A stand-in fast path that is exact: the tokenizer's own body encode."""
+    return lambda texts: ragged(tokenizer.tokenize_body_batch(texts))
+
+
+def wrong_on_ideographic_space(tokenizer):
+    """Deliberately wrong on one probe only (U+3000), right on the corpus sample."""
+
+    def encode(texts):
+        tokens, lengths = ragged(tokenizer.tokenize_body_batch(texts))
+        hit = np.repeat(["\u3000" in t for t in texts], lengths)
+        return np.where(hit, 0, tokens), lengths
+
+    return encode
+
+
+def wrong_everywhere(tokenizer):
+    def encode(texts):
+        tokens, lengths = ragged(tokenizer.tokenize_body_batch(texts))
+        return (tokens + 1) % tokenizer.vocab_size, lengths
+
+    return encode
+
+
+def _bytes(prefix):
+    return [open(f"{prefix}_text_document{e}", "rb").read() for e in (".bin", ".idx")]
+
+
+@pytest.mark.parametrize("build", [wrong_on_ideographic_space, wrong_everywhere])
+def test_mismatching_fast_path_falls_back_and_says_so(setup, tmp_path, capsys, build):
+    tok = build_tokenizer(**setup["hf"])
+    lines = []
+    assert choose_fast_encoder(tok, setup["docs"], lines.append, build=build) is None
+    assert "NOT exact" in lines[0] and "falling back to megalite's exact encoder" in lines[0]
+    common = dict(tokenizer_args=setup["hf"], append_eod=True, workers=2)
+    preprocess([setup["jsonl"]], str(tmp_path / "bad"), _fast_build=build, **common)
+    assert "NOT exact" in capsys.readouterr().err
+    preprocess([setup["jsonl"]], str(tmp_path / "ref"), fast_tokenizer="exact", **common)
+    assert _bytes(tmp_path / "bad") == _bytes(tmp_path / "ref")
+
+
+def wrong_after_the_sample(tokenizer):
+    """Right on the start-up sample and the probes, wrong on the corpus' later documents."""
+
+    def encode(texts):
+        tokens, lengths = ragged(tokenizer.tokenize_body_batch(texts))
+        late = np.repeat(["Error" in t for t in texts], lengths)
+        return np.where(late, 0, tokens), lengths
+
+    return encode
+
+
+def test_spot_check_stops_a_run_the_sample_missed(setup, tmp_path, monkeypatch):
+    import megalite.data.readers
+
+    monkeypatch.setattr(megalite.data.readers, "BLOCK_BYTES", 4096)
+    plain = "the first documents are plain prose " * 8
+    docs = [plain] * 3000 + ["class Error(Exception): pass"] * 400  # the sample: plain only
+    src = write_jsonl(str(tmp_path / "late.jsonl"), docs)
+    common = dict(tokenizer_args=setup["hf"], append_eod=True, workers=1)
+    with pytest.raises(ValueError, match="rerun with --fast-tokenizer exact"):
+        preprocess([src], str(tmp_path / "o"), _fast_build=wrong_after_the_sample, **common)
+    assert os.listdir(tmp_path) == ["late.jsonl"]  # nothing written
+
+
+def test_exact_stand_in_runs_in_the_workers(setup, tmp_path, capsys):
+    """A fast path that passes is what the workers use: same bytes as the exact run."""
+    common = dict(tokenizer_args=setup["sp"], append_eod=True, workers=2)
+    preprocess([setup["jsonl"]], str(tmp_path / "fast"), _fast_build=exact_build, **common)
+    assert "fast path: gigatoken, exact on the" in capsys.readouterr().err
+    preprocess([setup["jsonl"]], str(tmp_path / "ref"), fast_tokenizer="exact", **common)
+    assert _bytes(tmp_path / "fast") == _bytes(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("kind", ["hf", "gpt2", "sp"])
+def test_gigatoken_is_used_only_where_exact(setup, tmp_path, kind):
+    pytest.importorskip("gigatoken")
+    tok = build_tokenizer(**setup[kind])
+    lines = []
+    encoder = choose_fast_encoder(tok, setup["docs"], lines.append)
+    assert encoder is not None, lines
+    if kind == "sp":
+        # gigatoken reads "</s>" in text as the control token: such documents are kept from it
+        text = ["a </s> b"]
+        assert encoder(text)[0].tolist() != tok.tokenize_body_batch(text)[0]
+        assert exact_only_pattern(tok).search(text[0])
+    docs = [d for d in setup["docs"] + PROBES if not (kind == "sp" and "<" in d)]
+    tokens, _ = encoder(docs)
+    assert tokens.tolist() == ragged(tok.tokenize_body_batch(docs))[0].tolist()
+    common = dict(tokenizer_args=setup[kind], append_eod=True, workers=2)
+    preprocess([setup["jsonl"]], str(tmp_path / "auto"), **common)  # EDGE_CASES hold "</s>"
+    preprocess([setup["jsonl"]], str(tmp_path / "ref"), fast_tokenizer="exact", **common)
+    assert _bytes(tmp_path / "auto") == _bytes(tmp_path / "ref")
+
+
+def test_gigatoken_refusing_a_model_falls_back(tmp_path):
+    pytest.importorskip("gigatoken")
+    model = train_sentencepiece(str(tmp_path / "nbf.model"), byte_fallback=False)
+    tok = build_tokenizer("GPTSentencePieceTokenizer", model)
+    lines = []
+    assert choose_fast_encoder(tok, ["some text"], lines.append) is None
+    assert "gigatoken cannot load it" in lines[0] and "using megalite's exact encoder" in lines[0]
