@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_MINUTES = 10.0
-_TIMEOUT: Optional[datetime.timedelta] = None
 
 
 @dataclass
@@ -181,8 +180,11 @@ def default_backend() -> str:
 
 
 def get_timeout() -> Optional[datetime.timedelta]:
-    """The collective timeout given to `init_distributed` (None before it)."""
-    return _TIMEOUT
+    """The collective timeout given to `init_distributed` (kept by `parallel_state`, the one
+    holder of process-wide parallel state; None before it)."""
+    from megalite import parallel_state
+
+    return parallel_state.get_default_timeout()
 
 
 def init_distributed(
@@ -196,7 +198,6 @@ def init_distributed(
     picks nccl with CUDA else gloo unless `backend` is given, binds the local GPU, and sets the
     collective timeout that `parallel_state` passes on to every group.
     """
-    global _TIMEOUT
     info = detect_launch(os.environ if env is None else env)
     if info.launcher == "mpi":
         info = _mpi_rendezvous(info)
@@ -216,7 +217,10 @@ def init_distributed(
         if not torch.cuda.is_available():
             raise RuntimeError("--distributed-backend nccl requested but CUDA is not available")
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-    _TIMEOUT = datetime.timedelta(minutes=timeout_minutes)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    from megalite import parallel_state  # it passes the timeout on to every group it builds
+
+    parallel_state.set_default_timeout(timeout)
     if dist.is_initialized():
         return info
     dist.init_process_group(
@@ -224,7 +228,7 @@ def init_distributed(
         init_method="env://",
         rank=info.rank,
         world_size=info.world_size,
-        timeout=_TIMEOUT,
+        timeout=timeout,
     )
     return info
 

@@ -218,6 +218,18 @@ class ParallelState:
 
 
 _STATE: Optional[ParallelState] = None
+# The collective timeout of `megalite.distributed.init_distributed`, given to every group.
+_DEFAULT_TIMEOUT: Optional[datetime.timedelta] = None
+
+
+def set_default_timeout(timeout: Optional[datetime.timedelta]) -> None:
+    """Record the collective timeout the groups built later get (set by `init_distributed`)."""
+    global _DEFAULT_TIMEOUT
+    _DEFAULT_TIMEOUT = timeout
+
+
+def get_default_timeout() -> Optional[datetime.timedelta]:
+    return _DEFAULT_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -287,9 +299,7 @@ def initialize_model_parallel(
     etp = tp if etp is None else etp
     edp = validate_expert_layout(world, tp, pp, cp, ep, etp)
     if timeout is None:
-        from megalite.distributed import get_timeout
-
-        timeout = get_timeout()
+        timeout = _DEFAULT_TIMEOUT
 
     groups, ranks = {}, {}
     for kind, all_lines in group_ranks(world, tp, pp, cp).items():

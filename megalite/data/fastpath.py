@@ -128,7 +128,7 @@ def choose_fast_encoder(
 
     Measured in one process on 20 MB of the benchmark corpus (CPU seconds, JSON parsing
     included): a 16k byte-fallback SentencePiece BPE 0.67 through gigatoken against 1.2 through
-    megalite's chunk memo; byte-level BPE is further apart (see docs/data.md)."""
+    megalite's chunk memo; byte-level BPE is further apart (see README.md, "Data pipeline")."""
     if build is None:
         gt, reason = _gigatoken_for(tokenizer)
         if gt is None:

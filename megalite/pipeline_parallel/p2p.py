@@ -175,16 +175,11 @@ class StageP2P:
         return self.exchange(send_prev=input_grad, recv_prev=True)[0]
 
 
-_WARM: list = []  # groups already warmed up (the objects, so that an id is never reused)
-
-
 def _warm_up(group) -> None:
     """NCCL: the first batched p2p call on a group must involve all its ranks, which pipeline
     stages never do (stage 0 sends while stage 1 receives); a barrier first creates the
     communicator collectively. Every stage builds its StageP2P at the start of the same
-    schedule call, so the barrier lines up. Gloo needs nothing."""
-    if group is None or any(g is group for g in _WARM):
-        return
-    if dist.get_backend(group) == "nccl":
+    schedule call, so the barrier lines up. It runs once per schedule call (microseconds next
+    to a step) so that no module-level record of warmed groups is kept. Gloo needs nothing."""
+    if group is not None and dist.get_backend(group) == "nccl":
         dist.barrier(group=group)
-    _WARM.append(group)
