@@ -5,8 +5,8 @@
         --append-eod --workers 2
 
 Inputs: .jsonl / .json, their .gz / .zst, .parquet, folders of shards and globs (sorted).
-See megalite/data/preprocess.py for the flags and guarantees, README.md ("Data pipeline") for the tokenizer
-types and the gigatoken fast path.
+See megalite/data/preprocess.py for the flags and guarantees, README.md ("Data pipeline")
+for the tokenizer types and the gigatoken fast path.
 """
 
 import os

@@ -1,7 +1,8 @@
 """megalite-plan: per-rank memory and step time of a layout, and the search for the best one.
 
 Pure Python over megalite's own modules (built on the meta device to count parameters) and
-schedules (run in virtual time for the bubble); no process group is needed. See README.md, "Planner".
+schedules (run in virtual time for the bubble); no process group is needed.
+See README.md, "Planner".
 """
 
 from megalite.planner.devices import DEVICES, Device, cpu_device, get_device
