@@ -19,6 +19,8 @@ from megalite.config import ConfigError
 from megalite.training.arguments import resolved_config
 from tests.harness import run_distributed
 
+pytestmark = pytest.mark.extended
+
 ITERS = 8
 BASE = (
     "--num-layers 4 --hidden-size 32 --num-attention-heads 4 --group-query-attention "

@@ -17,6 +17,8 @@ from megalite import parallel_state as ps
 from megalite.checkpoint import format as ckpt
 from tests.harness import run_distributed
 
+pytestmark = pytest.mark.extended
+
 pytest.importorskip("deepspeed")
 
 STEPS, SAVE_AT = 4, 2

@@ -18,6 +18,8 @@ from megalite.check import spawn_ranks, wait_all
 from megalite.checkpoint import format as ckpt
 from tests.harness import run_distributed
 
+pytestmark = pytest.mark.extended
+
 TINY = (
     "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
     "--micro-batch-size 2 --global-batch-size 8 --lr 1e-3 --mock-data --vocab-size 128 "

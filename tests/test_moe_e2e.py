@@ -13,6 +13,8 @@ from megalite.config import ConfigError
 from megalite.training.arguments import load_config
 from tests.harness import run_distributed
 
+pytestmark = pytest.mark.extended
+
 BASE = (
     "--num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
     "--micro-batch-size 2 --global-batch-size 8 --lr 1e-3 --lr-warmup-iters 2 --mock-data "

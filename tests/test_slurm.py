@@ -123,6 +123,7 @@ def _losses(path: Path) -> list[tuple[int, float]]:
     return [(r["iteration"], r["lm_loss"]) for r in rows if "split" not in r]
 
 
+@pytest.mark.extended
 @pytest.mark.parametrize("mode", ["srun", "torchrun"])
 def test_warning_signal_saves_requeues_and_resumes(slurm, tmp_path, mode):
     """2 nodes x 2 ranks: the batch shell gets USR1 mid-run (as --signal=B:USR1@120 would send
