@@ -389,3 +389,22 @@ def test_readme_flag_table_is_the_generated_one():
     readme = (ROOT / "README.md").read_text()
     inside = readme.split("<!-- flag-table:start -->\n")[1].split("<!-- flag-table:end -->")[0]
     assert inside == table, "README's flag table is stale: run python tools/flag_table.py"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(apply_layernorm_1p=True), "apply_layernorm_1p=True"),
+        (dict(kv_channels=16), "kv_channels=16"),
+        (dict(rotary_percent=0.5), "rotary_percent=0.5"),
+    ],
+)
+def test_hf_export_refuses_what_hugging_face_cannot_hold(change, message):
+    from megalite.checkpoint.hf import HFConversionError, hf_kind
+    from megalite.model.config import GPTConfig
+
+    llama = dict(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=8, swiglu=True,
+                 normalization="RMSNorm", position_embedding_type="rope")  # fmt: skip
+    assert hf_kind(GPTConfig(**llama)) == "llama"
+    with pytest.raises(HFConversionError, match=message):
+        hf_kind(GPTConfig(**llama, **change))

@@ -55,6 +55,12 @@ def hf_kind(c: GPTConfig) -> str:
         miss = [
             f"{k}={getattr(c, k)!r} (needs {v!r})" for k, v in want.items() if getattr(c, k) != v
         ]
+        if c.apply_layernorm_1p:
+            miss.append("apply_layernorm_1p=True (HF norms store gamma itself)")
+        if c.head_dim * c.num_attention_heads != c.hidden_size:
+            miss.append(f"kv_channels={c.kv_channels} (heads x head dim must equal hidden_size)")
+        if c.rotary_percent != 1.0:
+            miss.append(f"rotary_percent={c.rotary_percent} (HF rotates the whole head)")
         if kind == "gpt2" and c.num_query_groups != c.num_attention_heads:
             miss.append(
                 f"num_query_groups={c.num_query_groups} (GPT-2 has no grouped-query attention)"
