@@ -44,9 +44,10 @@ def test_timeout_reaches_every_group():
     """World size 2: TP, PP, DP, model-parallel and embedding groups all carry the timeout (the
     dead-rank tests below show it acting at TP=2 x PP=2)."""
     for rank, rank_timeouts in run_distributed(2, _group_timeouts, TIMEOUT_MIN):
-        # every group parallel_state builds that holds this rank (tp, pp, dp, mp, embedding...)
+        # every group parallel_state builds that holds this rank (tp, pp, dp, mp, embedding...,
+        # and the expert groups, which refold the same ranks)
         kinds = {k for k, lines in ps.group_ranks(2, 1, 2).items() if any(rank in g for g in lines)}
-        assert set(rank_timeouts) == kinds, rank_timeouts
+        assert kinds <= set(rank_timeouts), rank_timeouts
         assert set(rank_timeouts.values()) == {TIMEOUT_MIN * 60}, rank_timeouts
 
 
