@@ -107,18 +107,23 @@ def test_derived_defaults_are_computed_once_in_the_model_config():
 @pytest.mark.slow
 def test_config_file_run_equals_flag_run_and_saved_config_reproduces(tmp_path):
     flags, from_file, replay = (tmp_path / n for n in ("flags.jsonl", "file.jsonl", "replay.jsonl"))
-    assert _pretrain([*TINY, "--metrics-file", str(flags), "--save", str(tmp_path / "ck")]) == 0
+    # in a worker process: pretrain in pytest's own process would leave MASTER_PORT & co. in
+    # its environment for later tests' subprocesses (sbatch inherits it)
+    argv = [*TINY, "--metrics-file", str(flags), "--save", str(tmp_path / "ck")]
+    assert run_distributed(1, _pretrain, argv) == [0]
     settings = yaml.safe_load((tmp_path / "ck/iter_0000003/config.yaml").read_text())
     assert settings["model"]["num_layers"] == 2
     # the same run from a file holding the flags
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({k.lstrip("-"): v for k, v in _pairs(TINY)}))
-    assert _pretrain(["--config", str(path), "--metrics-file", str(from_file)]) == 0
+    assert run_distributed(
+        1, _pretrain, ["--config", str(path), "--metrics-file", str(from_file)]
+    ) == [0]
     assert _curve(flags) == _curve(from_file)
     # the saved resolved config reproduces the run (its --save/--metrics-file overridden)
     saved = tmp_path / "ck/iter_0000003/config.yaml"
     argv = ["--config", str(saved), "--metrics-file", str(replay), "--save", str(tmp_path / "c2")]
-    assert _pretrain(argv) == 0
+    assert run_distributed(1, _pretrain, argv) == [0]
     assert _curve(flags) == _curve(replay)
 
 
