@@ -7,16 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from megalite.config import ConfigError, option
-
-TOKENIZER_TYPES = (
-    "NullTokenizer",
-    "SentencePieceTokenizer",
-    "GPTSentencePieceTokenizer",
-    "Llama2Tokenizer",
-    "HuggingFaceTokenizer",
-    "GPT2BPETokenizer",
-    "TikTokenizer",
-)
+from megalite.data.tokenizers import TOKENIZER_TYPES
 
 
 @dataclass
