@@ -26,7 +26,6 @@ first waits for it (the cost shows up as a stall, which `tools/bench_async_save.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -203,14 +202,12 @@ class AsyncCheckpointSaver:
         self.finalize()
         dp = coords["dp"]
         # what this rank writes, copied to host memory before training changes it
-        files: list[tuple[str, Any]] = []
-        if dp == 0:
-            files.append(("model.pt", self.snapshot(model_state())))
-        if optimizer_state is not None and (optimizer_sharded or dp == 0):
-            files.append((f"optim_dp{dp:03d}.pt", self.snapshot(optimizer_state())))
-        if expert_state is not None:  # MoE: experts that differ across DP ranks
-            files.append((f"experts_dp{dp:03d}.pt", self.snapshot(expert_state())))
-        files.append((f"rng_dp{dp:03d}.pt", self.snapshot(rng_state)))
+        files = [
+            (name, self.snapshot(state()))
+            for name, state in ckpt.rank_files(
+                dp, model_state, optimizer_state, optimizer_sharded, rng_state, expert_state
+            )
+        ]
         self.save_files(
             root, iteration, coords=coords, files=files, meta=meta, extra_files=extra_files
         )
@@ -242,17 +239,7 @@ class AsyncCheckpointSaver:
         rank = dist.get_rank() if dist.is_initialized() else 0
         meta = dict(meta, iteration=iteration, format_version=ckpt.FORMAT_VERSION)
 
-        final = ckpt.iteration_dir(root, iteration)
-        tmp = final.with_name(final.name + ".tmp")
-        error = None
-        if rank == 0:
-            try:
-                root.mkdir(parents=True, exist_ok=True)
-                if tmp.exists():  # left over by a crash: never complete, never referenced
-                    shutil.rmtree(tmp)
-                tmp.mkdir()
-            except OSError as e:
-                error = f"{type(e).__name__}: {e}"
+        tmp, error = ckpt.prepare_tmp(root, iteration, rank)
         failures = ckpt.agree_on_errors(error)
         if failures:
             self._raise(root, iteration, failures)
@@ -265,15 +252,7 @@ class AsyncCheckpointSaver:
                 for name, obj in files:
                     self.writer(obj, shard / name)
                 if rank == 0:
-                    with open(tmp / "meta.json", "w") as f:
-                        json.dump(meta, f, indent=1, sort_keys=True)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    for name, text in (extra_files or {}).items():
-                        with open(tmp / name, "w") as f:
-                            f.write(text)
-                            f.flush()
-                            os.fsync(f.fileno())
+                    ckpt.write_meta_files(tmp, meta, extra_files)
                 ckpt._fsync_dir(shard)
             except Exception as e:  # noqa: BLE001 - reported to every rank at finalize
                 return f"{type(e).__name__}: {e}"

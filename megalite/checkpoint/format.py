@@ -174,6 +174,58 @@ def agree_on_errors(error: Optional[str]) -> list[tuple[int, str]]:
 
 
 # --- save --------------------------------------------------------------------------------------
+def prepare_tmp(root: Path, iteration: int, rank: int) -> tuple[Path, Optional[str]]:
+    """(the folder iteration `iteration` is written into before it is renamed, rank 0's error
+    making it or None). Rank 0 creates it afresh; other ranks only learn its name."""
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank != 0:
+        return tmp, None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left over by a crash: never complete, never referenced
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        return tmp, f"{type(e).__name__}: {e}"
+    return tmp, None
+
+
+def rank_files(
+    dp: int,
+    model_state: Callable[[], dict],
+    optimizer_state: Optional[Callable[[], dict]],
+    optimizer_sharded: bool,
+    rng_state: dict,
+    expert_state: Optional[Callable[[], dict]] = None,
+) -> list[tuple[str, Callable[[], Any]]]:
+    """[(file name, state getter)] that DP rank `dp` writes into its (TP, PP) shard folder: the
+    model on DP rank 0, the optimizer on every DP rank under ZeRO (else DP rank 0), MoE experts
+    that differ across DP ranks, and the RNG states. Shared by the sync and async savers."""
+    files: list[tuple[str, Callable[[], Any]]] = []
+    if dp == 0:
+        files.append(("model.pt", model_state))
+    if expert_state is not None:
+        files.append((f"experts_dp{dp:03d}.pt", expert_state))
+    if optimizer_state is not None and (optimizer_sharded or dp == 0):
+        files.append((f"optim_dp{dp:03d}.pt", optimizer_state))
+    files.append((f"rng_dp{dp:03d}.pt", lambda: rng_state))
+    return files
+
+
+def write_meta_files(tmp: Path, meta: dict, extra_files: Optional[dict[str, str]]) -> None:
+    """meta.json and `extra_files` ({name: text}) into `tmp`, each fsynced (global rank 0)."""
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    for name, text in (extra_files or {}).items():
+        with open(tmp / name, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     iteration: int,
@@ -198,42 +250,23 @@ def save_checkpoint(
     """
     root = Path(root)
     final = iteration_dir(root, iteration)
-    tmp = final.with_name(final.name + ".tmp")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    error = None
-    if rank == 0:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left over by a crash: never complete, never referenced
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        except OSError as e:
-            error = f"{type(e).__name__}: {e}"
+    tmp, error = prepare_tmp(root, iteration, rank)
     failures = agree_on_errors(error)
     if not failures:
         error = None
         try:
             shard = shard_dir(tmp, coords["tp"], coords["pp"])
             shard.mkdir(parents=True, exist_ok=True)
-            dp = coords["dp"]
-            if dp == 0:
-                _save(model_state(), shard / "model.pt")
-            if expert_state is not None:
-                _save(expert_state(), shard / f"experts_dp{dp:03d}.pt")
-            if optimizer_state is not None and (optimizer_sharded or dp == 0):
-                _save(optimizer_state(), shard / f"optim_dp{dp:03d}.pt")
-            _save(rng_state, shard / f"rng_dp{dp:03d}.pt")
+            files = rank_files(
+                coords["dp"], model_state, optimizer_state, optimizer_sharded, rng_state,
+                expert_state,
+            )  # fmt: skip
+            for name, state in files:
+                _save(state(), shard / name)
             if rank == 0:
                 meta = dict(meta, iteration=iteration, format_version=FORMAT_VERSION)
-                with open(tmp / "meta.json", "w") as f:
-                    json.dump(meta, f, indent=1, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-                for name, text in (extra_files or {}).items():
-                    with open(tmp / name, "w") as f:
-                        f.write(text)
-                        f.flush()
-                        os.fsync(f.fileno())
+                write_meta_files(tmp, meta, extra_files)
             _fsync_dir(shard)
         except Exception as e:  # noqa: BLE001 - any failure must reach every rank
             error = f"{type(e).__name__}: {e}"
