@@ -58,9 +58,16 @@ def check_moe_setup(
         )
 
 
-def before_step(chunks, num_microbatches: int, loss_scale: float = 1.0) -> None:
-    """Aux losses weigh like one micro-batch of the LM loss (fp16: times the loss scale)."""
-    set_aux_loss_scale(chunks, loss_scale / num_microbatches)
+def before_step(
+    chunks, num_microbatches: int, loss_scale: float = 1.0, context_parallel_size: int = 1
+) -> None:
+    """Aux losses weigh like one micro-batch of the LM loss (fp16: times the loss scale).
+
+    Under context parallelism each CP rank's aux-loss gradient reaches only its own tokens: the
+    CP ranks' gradients add up to the whole one, and DDP then averages over DP x CP, so each
+    rank's weight is multiplied by the CP size (the LM loss needs no such factor: each CP rank
+    averages over its own s / CP tokens)."""
+    set_aux_loss_scale(chunks, loss_scale * context_parallel_size / num_microbatches)
 
 
 def after_step(

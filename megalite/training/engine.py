@@ -162,7 +162,12 @@ class MegaliteEngine(Engine):
     def train_step(self, micro: list, num_microbatches: int) -> StepResult:
         self.optimizer.zero_grad()
         # MoE aux losses weigh like one micro-batch of the (loss-scaled) LM loss.
-        moe_training.before_step(self.chunks, num_microbatches, self.optimizer.get_loss_scale())
+        moe_training.before_step(
+            self.chunks,
+            num_microbatches,
+            self.optimizer.get_loss_scale(),
+            ps.get_context_parallel_world_size(),
+        )
         outputs = self._run(micro, num_microbatches, forward_only=False)
         updated, grad_norm, _ = self.optimizer.step()
         # Expert-bias update (aux-loss-free balancing) and this step's per-layer MoE metrics.
