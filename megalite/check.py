@@ -46,7 +46,7 @@ from typing import Optional
 STANDARD_MATRIX = (
     "tp2 tp4 tp2sp pp2 pp4 pp2vp2 dp2 dp2z1 dp2z2 tp2pp2 tp2dp2 pp2dp2 tp2pp2dp2z1 "
     "dp2ds1 dp2ds2 dp2ds3 tp2pp2bf16 dp2ep2 tp2dp2ep2sp pp2dp2ep2z1a2a "
-    "cp2 cp4 cp2ulysses tp2cp2sp pp2cp2 cp2dp2z1"
+    "cp2 cp4 cp2ulysses tp2cp2sp pp2cp2 cp2dp2z1 cp2dp2ep2z1"
 ).split()
 # The MoE of the ep layouts: small enough for the tiny model, every loss term on.
 MOE_FLAGS = (

@@ -48,7 +48,7 @@ QUICK = ["tp2", "pp2", "dp2z1"]
 SLOW = [
     "tp4", "tp2sp", "pp4", "pp2vp2", "dp2", "dp2z2", "tp2pp2", "tp2dp2", "pp2dp2",
     "tp2pp2dp2z1", "dp2ds1", "dp2ds2", "dp2ds3", "tp2pp2bf16",
-    "dp2ep2", "tp2dp2ep2sp", "pp2dp2ep2z1a2a",
+    "dp2ep2", "tp2dp2ep2sp", "pp2dp2ep2z1a2a", "cp2dp2ep2z1",
 ]  # fmt: skip
 
 
