@@ -17,7 +17,8 @@ from megalite.checkpoint.hf_io import export_hf, import_hf, pretrain_flags
 from megalite.checkpoint.reshard import reshard
 
 _RESHARD_DOC = (
-    "Reshard a megalite checkpoint to another tensor/pipeline-parallel layout, offline on CPU."
+    "Reshard a megalite checkpoint to another tensor/pipeline(/expert)-parallel layout, offline "
+    "on CPU."
 )
 
 
@@ -30,6 +31,19 @@ def reshard_main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-tensor-parallel-size", type=int, required=True)
     p.add_argument("--target-pipeline-model-parallel-size", type=int, required=True)
     p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    p.add_argument(
+        "--target-expert-model-parallel-size",
+        type=int,
+        default=None,
+        help="MoE: ranks the experts are split across (default: the checkpoint's EP)",
+    )
+    p.add_argument(
+        "--target-expert-tensor-parallel-size",
+        type=int,
+        default=None,
+        help="MoE: ranks each expert is split across (default: the target TP where the "
+        "checkpoint's ETP was its TP, else the checkpoint's ETP)",
+    )
     p.add_argument(
         "--true-vocab-size",
         type=int,
@@ -46,6 +60,8 @@ def reshard_main(argv: list[str] | None = None) -> int:
             a.target_pipeline_model_parallel_size,
             a.target_num_layers_per_virtual_pipeline_stage,
             true_vocab=a.true_vocab_size,
+            ep=a.target_expert_model_parallel_size,
+            etp=a.target_expert_tensor_parallel_size,
             log=print,
         )
     except (CheckpointError, ValueError) as e:

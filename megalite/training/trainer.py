@@ -195,6 +195,9 @@ class Trainer:
         ckpt.check_compatible(meta, self.config, folder)
         self._check_expert_layout(meta, folder)
         coords = {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.ckpt_dp_rank}
+        if self.moe is not None:  # a resharded MoE checkpoint keeps experts per (ep, etp)
+            coords["ep"] = ps.get_expert_model_parallel_rank()
+            coords["etp"] = ps.get_expert_tensor_parallel_rank()
         load_optim = not (c.no_load_optim or c.finetune or self.cfg.parallel.deepspeed)
         files, error = None, None
         try:
@@ -261,8 +264,9 @@ class Trainer:
         saved, mine = meta.get("expert_layout"), self._expert_layout()
         if saved != mine:
             raise ckpt.CheckpointError(
-                f"checkpoint {folder} has MoE layout {saved}, this run {mine}: resuming at "
-                "another expert layout (or resharding experts) is not implemented yet"
+                f"checkpoint {folder} has MoE layout {saved}, this run {mine}: to resume at "
+                "another expert layout, convert the checkpoint first with megalite-reshard "
+                "(--target-expert-model-parallel-size / --target-expert-tensor-parallel-size)"
             )
 
     def save(self) -> None:
