@@ -55,6 +55,7 @@ MODEL_SHAPE_FIELDS = (
     "apply_layernorm_1p",
     "swiglu",
     "position_embedding_type",
+    "no_position_embedding",
     "untie_embeddings_and_output_weights",
     "disable_bias_linear",
 )
