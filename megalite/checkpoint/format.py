@@ -58,6 +58,7 @@ MODEL_SHAPE_FIELDS = (
     "no_position_embedding",
     "untie_embeddings_and_output_weights",
     "disable_bias_linear",
+    "add_qkv_bias",
 )
 LAYOUT_FIELDS = (
     "tensor_model_parallel_size",

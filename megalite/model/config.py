@@ -73,6 +73,9 @@ class GPTConfig:
     rotary_base: int = option(10000, "RoPE base theta")
     rotary_percent: float = option(1.0, "fraction of each head's channels that RoPE rotates")
     disable_bias_linear: bool = option(False, "no biases on the QKV, projection and MLP linears")
+    add_qkv_bias: bool = option(
+        False, "a bias on the QKV linear even with --disable-bias-linear (Qwen2 style)"
+    )
     untie_embeddings_and_output_weights: bool = option(
         False, "separate output layer instead of reusing the word embedding"
     )
