@@ -72,7 +72,8 @@ def reshard_main(argv: list[str] | None = None) -> int:
 
 
 _EXPORT_HF_DOC = (
-    "Export a megalite checkpoint as a Hugging Face folder (LlamaForCausalLM or GPT2LMHeadModel)."
+    "Export a megalite checkpoint as a Hugging Face folder (LlamaForCausalLM, GPT2LMHeadModel, "
+    "MixtralForCausalLM or Qwen2MoeForCausalLM)."
 )
 
 
@@ -104,8 +105,8 @@ def export_hf_main(argv: list[str] | None = None) -> int:
 
 
 _IMPORT_HF_DOC = (
-    "Import a local Hugging Face LlamaForCausalLM / GPT2LMHeadModel folder as a megalite "
-    "checkpoint."
+    "Import a local Hugging Face LlamaForCausalLM / GPT2LMHeadModel / MixtralForCausalLM / "
+    "Qwen2MoeForCausalLM folder as a megalite checkpoint."
 )
 
 
@@ -117,6 +118,9 @@ def import_hf_main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument(
+        "--expert-model-parallel-size", type=int, default=1, help="MoE: EP of the checkpoint"
+    )
     a = p.parse_args(argv)
     try:
         folder = import_hf(
@@ -126,6 +130,7 @@ def import_hf_main(argv: list[str] | None = None) -> int:
             a.pipeline_model_parallel_size,
             a.num_layers_per_virtual_pipeline_stage,
             divisible=a.make_vocab_size_divisible_by,
+            ep=a.expert_model_parallel_size,
             log=print,
         )
     except (CheckpointError, ValueError, OSError) as e:
