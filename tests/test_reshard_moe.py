@@ -105,6 +105,24 @@ def test_resume_after_expert_reshard_matches_uninterrupted_run(trained, name):
 
 
 @pytest.mark.extended
+def test_trainer_checkpoint_refuses_another_dp_size_and_a_resharded_one_resumes(trained):
+    """The trainer's per-DP-rank expert files fit their DP size only (refused at DP4); the same
+    layout resharded keeps experts per (ep, etp) and resumes at DP4 on 8 ranks."""
+    root, reference = trained
+    # weights only: the ZeRO optimizer files would refuse another DP size by themselves
+    flags = f"{SOURCE} --load {root / 'orig'} --no-load-optim --exit-interval 5"
+    argv = MODEL + RUN + flags.split()
+    assert run_distributed(8, _pretrain, argv, timeout=300) == [2] * 8
+    target = root / "same-layout"
+    reshard(root / "orig", target, 2, 1)
+    resumed = train(8, f"{SOURCE} --load {target}", target / "metrics.jsonl")
+    assert [r["iteration"] for r in resumed] == [5, 6, 7, 8]
+    for got, want in zip(resumed, reference[4:]):
+        assert got["lm_loss"] == pytest.approx(want["lm_loss"], rel=1e-5, abs=1e-6), got
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4, abs=1e-6), got
+
+
+@pytest.mark.extended
 def test_loaded_expert_weights_give_the_source_loss(trained):
     """Weights only (no optimizer state to lay the parameters over): iteration 5's loss is
     computed with the loaded weights before any update, so it is the source's; iteration 6

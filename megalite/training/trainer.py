@@ -268,6 +268,15 @@ class Trainer:
                 "another expert layout, convert the checkpoint first with megalite-reshard "
                 "(--target-expert-model-parallel-size / --target-expert-tensor-parallel-size)"
             )
+        # The trainer's experts_dpNNN.pt files hold DP rank NNN's experts: they fit this DP size
+        # only (a resharded checkpoint keeps experts per (ep, etp) instead and fits any).
+        had = meta.get("data_parallel_size", self.dp) * meta.get("context_parallel_size", 1)
+        if had != self.dp * self.cp and any(folder.glob("mp_rank_*/experts_dp*.pt")):
+            raise ckpt.CheckpointError(
+                f"checkpoint {folder} keeps the experts of each of its {had} DP x CP ranks; this "
+                f"run has DP x CP = {self.dp * self.cp}: convert it first with megalite-reshard "
+                "(a resharded checkpoint resumes at any DP size)"
+            )
 
     def save(self) -> None:
         from megalite.training.arguments import dump_yaml
