@@ -181,3 +181,39 @@ def test_what_cannot_be_expressed_is_refused_by_name(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="use_sliding_window"):
         import_hf(tmp_path / "q", tmp_path / "back", 1, 1)
     assert not (tmp_path / "back").exists()
+
+
+def _pretrain(argv: list[str]) -> int:
+    from megalite.pretrain import pretrain
+
+    return pretrain(argv)
+
+
+@pytest.mark.extended
+def test_imported_mixtral_trains_at_tp2_ep2_from_transformers_loss(tmp_path):
+    """A transformers Mixtral imported at TP2 x EP2 and fine-tuned on 4 gloo ranks with the
+    flags import prints: the first loss (before any update) is transformers' loss on global
+    batch 0, so every rank loaded its own experts."""
+    from tests.harness import run_distributed
+    from tests.reference_loss import first_metrics, mock_batch
+
+    _hf_tiny("mixtral", tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ck", 2, 1, divisible=16, ep=2)
+    flags = pretrain_flags(json.loads((tmp_path / "ck/iter_0000000/meta.json").read_text()))
+    assert "--expert-model-parallel-size 2" in flags
+    metrics = tmp_path / "m.jsonl"
+    argv = (
+        flags.split()
+        + (
+            f"--seq-length 16 --vocab-size {VOCAB} --mock-data --micro-batch-size 2 "
+            "--global-batch-size 8 --lr 1e-3 --train-iters 1 --seed 3 --hidden-dropout 0 "
+            f"--attention-dropout 0 --eval-iters 0 --load {tmp_path / 'ck'} --finetune "
+            f"--distributed-backend gloo --metrics-file {metrics}"
+        ).split()
+    )
+    assert run_distributed(4, _pretrain, argv, timeout=300) == [0] * 4
+    batch = mock_batch(seed=3, seq_length=16, vocab_size=VOCAB, consumed=0, global_batch=8)
+    with torch.no_grad():
+        logits = hf_model(tmp_path / "hf")(batch["tokens"]).logits.float()
+    hf_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+    assert_close(first_metrics(metrics)["lm_loss"], hf_loss.item(), rtol=1e-5, atol=0)
