@@ -1,4 +1,5 @@
-"""Offline resharding of a megalite checkpoint to another TP / PP / virtual-pipeline layout.
+"""Offline resharding of a megalite checkpoint to another TP / PP / virtual-pipeline layout
+(and, for MoE, another expert split EP x ETP: `megalite.checkpoint.reshard_experts`).
 
 ``reshard(load, save, tp, pp, layers_per_virtual)`` reads the newest checkpoint of `load` and
 writes the same iteration to `save` at the target layout, on CPU, one *unit* at a time (the
