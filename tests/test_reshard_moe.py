@@ -162,3 +162,60 @@ def test_expert_reshard_round_trip_and_refusals(trained, tmp_path):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ReshardError, match="is --load itself"):
         reshard(root / "orig", root / "orig", 1, 1)
+
+
+def _one_process_moe_checkpoint(root: Path) -> Path:
+    """A fresh one-process MoE model (EP1) saved through megalite's checkpoint writer."""
+    from megalite.config.fields import to_dict
+    from megalite.model import build_model
+    from megalite.training.arguments import resolved_config
+
+    flags = "--mock-data --micro-batch-size 2 --train-iters 1 --lr 1e-3"
+    run = resolved_config(MODEL + flags.split(), 1)
+    config = run.model_config(64)
+    (model,) = build_model(config, 5, use_parallel_state=False, moe=run.moe)
+    settings = {}
+    for section in run.sections().values():
+        settings.update(to_dict(section, cli_only=True))
+    meta = {"settings": settings, "model": to_dict(config), "optimizer_sharded": False,
+            "padded_vocab_size": config.padded_vocab_size, "consumed_train_samples": 0,
+            "expert_layout": {"num_experts": 4, "expert_model_parallel_size": 1,
+                              "expert_tensor_parallel_size": 1}}  # fmt: skip
+    ckpt.save_checkpoint(
+        root, 1, coords={"tp": 0, "pp": 0, "dp": 0},
+        model_state=lambda: {"chunk0": model.state_dict()}, optimizer_state=None,
+        optimizer_sharded=False, rng_state={}, meta=meta,
+    )  # fmt: skip
+    return root
+
+
+def test_reshard_cli_splits_experts_and_refuses_what_does_not_fit(tmp_path, capsys):
+    """megalite-reshard's EP / ETP flags, one process: a weights-only MoE checkpoint to
+    TP2 x PP2 x EP4 x ETP1 and back keeps every tensor; EP 3 is refused naming the numbers."""
+    from tests.test_reshard_units import _tool
+
+    src = _one_process_moe_checkpoint(tmp_path / "ck")
+    cli = _tool("checkpoint_reshard").main
+    argv = ["--load", str(src), "--target-tensor-parallel-size", "2",
+            "--target-pipeline-model-parallel-size", "2"]  # fmt: skip
+    assert cli(argv + ["--save", str(tmp_path / "ep4"), "--target-expert-model-parallel-size",
+                       "4", "--target-expert-tensor-parallel-size", "1"]) == 0  # fmt: skip
+    shard = tmp_path / "ep4/iter_0000001/mp_rank_01_001"
+    assert sorted(p.name for p in shard.glob("experts_*")) == [
+        "experts_ep001_etp000.pt", "experts_ep003_etp000.pt"
+    ]  # fmt: skip
+    assert cli(["--load", str(tmp_path / "ep4"), "--save", str(tmp_path / "back"),
+                "--target-tensor-parallel-size", "1", "--target-pipeline-model-parallel-size",
+                "1", "--target-expert-model-parallel-size", "1"]) == 0  # fmt: skip
+    _, before = load_full_model(src)
+    _, after = load_full_model(tmp_path / "back")
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    capsys.readouterr()
+    assert cli(argv + ["--save", str(tmp_path / "bad"), "--target-expert-model-parallel-size",
+                       "3"]) == 2  # fmt: skip
+    assert "--num-experts (4) is not divisible by the target expert-model-parallel size (3)" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "bad").exists()
