@@ -118,15 +118,16 @@ def test_config_checks_and_layer_pattern():
         MoEConfig(num_experts=4, moe_layer_freq="[1,0,1]").is_moe_layer(0, 4)
 
 
-@pytest.mark.parametrize("freq", [1, "[0,1]"])
-def test_flops_count_active_parameters(freq):
+@pytest.mark.parametrize("freq,gate", [(1, False), ("[0,1]", False), (1, True)])
+def test_flops_count_active_parameters(freq, gate):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from megalite.model import build_model, num_floating_point_operations
 
     cfg = gpt_config()
-    moe = moe_config(moe_shared_expert_intermediate_size=32, moe_layer_freq=freq)
+    moe = moe_config(moe_shared_expert_intermediate_size=32, moe_layer_freq=freq,
+                     moe_shared_expert_gate=gate)  # fmt: skip
     (model,) = build_model(cfg, 1, use_parallel_state=False, moe=moe)
     tokens = torch.randint(0, cfg.vocab_size, (3, S))
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):

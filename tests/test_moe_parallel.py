@@ -33,7 +33,8 @@ def _many(layouts, cases):
 
 
 def test_layouts_on_two_ranks():
-    cases = [({}, None, "swiglu"), ({"moe_router_topk": 1}, None, "gelu")]
+    gate = {"moe_shared_expert_intermediate_size": 32, "moe_shared_expert_gate": True}
+    cases = [({}, None, "swiglu"), ({"moe_router_topk": 1}, None, "gelu"), (gate, None, "swiglu")]
     run_distributed(2, _many, [(1, 2, 1, False), (2, 2, 1, True), (2, 1, 2, True)], cases)
 
 

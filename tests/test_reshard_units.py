@@ -207,3 +207,45 @@ def test_true_vocab_size_follows_the_trainer():
     assert vocab(tokenizer_type="NullTokenizer", vocab_size=50) == 51
     assert vocab(true_vocab_size=7, vocab_size=50) == 7
     assert vocab(tokenizer_type="SentencePieceTokenizer", tokenizer_model="/nonexistent") is None
+
+
+@pytest.mark.parametrize("ep,etp,swiglu", [(2, 2, True), (4, 1, False), (1, 2, True)])
+def test_expert_layout_matches_the_rank_grid_and_the_experts_module(ep, etp, swiglu):
+    """Who holds which expert shard is parallel_state's expert grid; the split of the full
+    stacked tensors is the one the experts module draws at each (ep, etp)."""
+    from megalite.checkpoint.reshard_experts import ExpertLayout
+    from megalite.model.transformer import ParamInit
+    from megalite.moe.experts import Experts
+    from megalite.parallel_state import expert_rank_grid
+
+    tp, world = 2, 8
+    layout = ExpertLayout(num_experts=4, ep=ep, etp=etp, tp=tp, swiglu=swiglu)
+    grid = expert_rank_grid(world, tp=tp, ep=ep, etp=etp)  # [pp, edp, ep, etp]
+    for j in range(world):
+        _, _, e, x = (grid == j).nonzero()[0].tolist()
+        assert layout.coords(j) == (e, x)
+        assert (e, x) in layout.reachable(j % tp)
+
+    def experts(num_local, first, rank, size):
+        return Experts(
+            32, 16, swiglu=swiglu, num_local=num_local, first=first, etp_rank=rank,
+            etp_size=size, init=ParamInit(3, 0.02, 2), grouped_gemm=False,
+            prefix="decoder.layers.0.mlp.experts.", params_dtype=torch.float32,
+        )  # fmt: skip
+
+    full = experts(4, 0, 0, 1)
+    shards = {}
+    for e in range(ep):
+        for x in range(etp):
+            local = experts(4 // ep, e * 4 // ep, x, etp)
+            for part in ("linear_fc1", "linear_fc2"):
+                name = f"decoder.layers.0.mlp.experts.{part}.weight"
+                want = getattr(local, part).weight
+                got = layout.split(name, getattr(full, part).weight.detach(), e, x)
+                assert torch.equal(got, want), (name, e, x)
+                shape = tuple(want.shape)
+                assert layout.local_shape(name, layout.full_shape(name, shape)) == shape
+                shards.setdefault(name, {})[(e, x)] = want.detach()
+    for name, parts in shards.items():
+        part = name.split(".")[-2]
+        assert torch.equal(layout.merge(name, parts), getattr(full, part).weight.detach())

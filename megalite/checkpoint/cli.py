@@ -17,7 +17,8 @@ from megalite.checkpoint.hf_io import export_hf, import_hf, pretrain_flags
 from megalite.checkpoint.reshard import reshard
 
 _RESHARD_DOC = (
-    "Reshard a megalite checkpoint to another tensor/pipeline-parallel layout, offline on CPU."
+    "Reshard a megalite checkpoint to another tensor/pipeline(/expert)-parallel layout, offline "
+    "on CPU."
 )
 
 
@@ -30,6 +31,19 @@ def reshard_main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-tensor-parallel-size", type=int, required=True)
     p.add_argument("--target-pipeline-model-parallel-size", type=int, required=True)
     p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    p.add_argument(
+        "--target-expert-model-parallel-size",
+        type=int,
+        default=None,
+        help="MoE: ranks the experts are split across (default: the checkpoint's EP)",
+    )
+    p.add_argument(
+        "--target-expert-tensor-parallel-size",
+        type=int,
+        default=None,
+        help="MoE: ranks each expert is split across (default: the target TP where the "
+        "checkpoint's ETP was its TP, else the checkpoint's ETP)",
+    )
     p.add_argument(
         "--true-vocab-size",
         type=int,
@@ -46,6 +60,8 @@ def reshard_main(argv: list[str] | None = None) -> int:
             a.target_pipeline_model_parallel_size,
             a.target_num_layers_per_virtual_pipeline_stage,
             true_vocab=a.true_vocab_size,
+            ep=a.target_expert_model_parallel_size,
+            etp=a.target_expert_tensor_parallel_size,
             log=print,
         )
     except (CheckpointError, ValueError) as e:
@@ -56,7 +72,8 @@ def reshard_main(argv: list[str] | None = None) -> int:
 
 
 _EXPORT_HF_DOC = (
-    "Export a megalite checkpoint as a Hugging Face folder (LlamaForCausalLM or GPT2LMHeadModel)."
+    "Export a megalite checkpoint as a Hugging Face folder (LlamaForCausalLM, GPT2LMHeadModel, "
+    "MixtralForCausalLM or Qwen2MoeForCausalLM)."
 )
 
 
@@ -88,8 +105,8 @@ def export_hf_main(argv: list[str] | None = None) -> int:
 
 
 _IMPORT_HF_DOC = (
-    "Import a local Hugging Face LlamaForCausalLM / GPT2LMHeadModel folder as a megalite "
-    "checkpoint."
+    "Import a local Hugging Face LlamaForCausalLM / GPT2LMHeadModel / MixtralForCausalLM / "
+    "Qwen2MoeForCausalLM folder as a megalite checkpoint."
 )
 
 
@@ -101,6 +118,9 @@ def import_hf_main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument(
+        "--expert-model-parallel-size", type=int, default=1, help="MoE: EP of the checkpoint"
+    )
     a = p.parse_args(argv)
     try:
         folder = import_hf(
@@ -110,6 +130,7 @@ def import_hf_main(argv: list[str] | None = None) -> int:
             a.pipeline_model_parallel_size,
             a.num_layers_per_virtual_pipeline_stage,
             divisible=a.make_vocab_size_divisible_by,
+            ep=a.expert_model_parallel_size,
             log=print,
         )
     except (CheckpointError, ValueError, OSError) as e:

@@ -55,8 +55,10 @@ MODEL_SHAPE_FIELDS = (
     "apply_layernorm_1p",
     "swiglu",
     "position_embedding_type",
+    "no_position_embedding",
     "untie_embeddings_and_output_weights",
     "disable_bias_linear",
+    "add_qkv_bias",
 )
 LAYOUT_FIELDS = (
     "tensor_model_parallel_size",
@@ -408,16 +410,25 @@ def load_meta(root: str | os.PathLike) -> tuple[Optional[Path], Optional[dict]]:
 def load_shard_files(
     folder: Path, coords: dict[str, int], *, optim: bool, optimizer_sharded: bool, rng: bool
 ) -> dict[str, Any]:
-    """Read this rank's model (and optionally optimizer and RNG) files of one checkpoint."""
+    """Read this rank's model (and optionally optimizer and RNG) files of one checkpoint.
+
+    MoE: `coords` may also hold this rank's expert coordinates "ep" and "etp"; a resharded
+    checkpoint keeps experts per (ep, etp) (`megalite.checkpoint.reshard_experts`)."""
     shard = shard_dir(folder, coords["tp"], coords["pp"])
     out: dict[str, Any] = {"model": safe_load(shard / "model.pt")}
     dp = coords["dp"]
     experts = shard / f"experts_dp{dp:03d}.pt"
-    if experts.exists():  # MoE: this DP rank's own experts replace DP rank 0's
+    by_rank = f"_ep{coords.get('ep', 0):03d}_etp{coords.get('etp', 0):03d}.pt"
+    if "ep" in coords and (shard / ("experts" + by_rank)).exists():
+        experts = shard / ("experts" + by_rank)
+    if experts.exists():  # MoE: this rank's own experts replace DP rank 0's
         for chunk, params in safe_load(experts).items():
             out["model"][chunk].update(params)
     if optim:
         out["optimizer"] = safe_load(optimizer_file(shard, dp, optimizer_sharded))
+        expert_optim = shard / ("optim_params" + by_rank)
+        if "ep" in coords and "params" in out["optimizer"] and expert_optim.exists():
+            out["optimizer"]["params"].update(safe_load(expert_optim)["params"])
     if rng:
         path = shard / f"rng_dp{dp:03d}.pt"
         # a checkpoint saved at a smaller DP has no RNG file for the new DP ranks

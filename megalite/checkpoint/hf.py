@@ -61,6 +61,10 @@ def hf_kind(c: GPTConfig) -> str:
             miss.append(f"kv_channels={c.kv_channels} (heads x head dim must equal hidden_size)")
         if c.rotary_percent != 1.0:
             miss.append(f"rotary_percent={c.rotary_percent} (HF rotates the whole head)")
+        if c.add_qkv_bias and not c.add_bias_linear:
+            miss.append("add_qkv_bias=True (biases on q, k, v only)")
+        if kind == "gpt2" and c.no_position_embedding:
+            miss.append("no_position_embedding=True (GPT-2 has a learned position table)")
         if kind == "gpt2" and c.num_query_groups != c.num_attention_heads:
             miss.append(
                 f"num_query_groups={c.num_query_groups} (GPT-2 has no grouped-query attention)"

@@ -23,7 +23,9 @@ import torch
 
 from megalite.checkpoint import format as ckpt
 from megalite.checkpoint import hf as H
+from megalite.checkpoint import hf_moe as HM
 from megalite.checkpoint import layout as L
+from megalite.checkpoint import reshard_experts as X
 from megalite.checkpoint.reshard import ReshardError, Source, fill_unit, write_skeletons
 from megalite.checkpoint.streaming import fsync_file
 from megalite.config.fields import cli_fields, flag_name, to_dict
@@ -103,7 +105,9 @@ def export_hf(
         raise ReshardError(f"no checkpoint in {load}")
     src = Source(folder, meta)
     c = src.config
-    H.hf_kind(c)  # refuse what neither class represents before writing anything
+    moe = X.moe_settings(meta)
+    # refuse what no class represents before writing anything
+    HM.moe_kind(c, moe) if moe is not None else H.hf_kind(c)
     vocab = true_vocab or L.true_vocab_size(meta)
     if vocab is None:
         raise ReshardError("cannot tell the tokenizer's vocabulary size: pass --true-vocab-size")
@@ -126,6 +130,7 @@ def _write_hf(
     from safetensors.torch import save_file
 
     c = src.config
+    moe = X.moe_settings(meta)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size, dtype = 0, None
     files: list[str] = []
@@ -138,7 +143,10 @@ def _write_hf(
 
     index: dict[str, int] = {}
     for unit, weights in src.unit_weights():
-        tensors = H.to_hf(weights, c, vocab)
+        if moe is not None:
+            tensors = HM.moe_to_hf(weights, c, moe, vocab)
+        else:
+            tensors = H.to_hf(weights, c, vocab)
         for name, t in tensors.items():
             dtype = dtype or t.dtype
             if size and size + t.numel() * t.element_size() > max_shard_bytes:
@@ -163,7 +171,10 @@ def _write_hf(
             out / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
         )
     tokenizer, ids = _tokenizer_files(meta.get("settings", {}), out)
-    config = H.hf_config(c, vocab, dtype or torch.float32, ids)
+    if moe is not None:
+        config = HM.hf_moe_config(c, moe, vocab, dtype or torch.float32, ids)
+    else:
+        config = H.hf_config(c, vocab, dtype or torch.float32, ids)
     _write_json(out / "config.json", config)
     log(f"wrote {', '.join(names + tokenizer + ['config.json'])}")
     return config
@@ -187,6 +198,9 @@ class _Reader:
         self.handles = {f: safe_open(str(folder / f), framework="pt") for f in files}
         self.where = {k: f for f, h in self.handles.items() for k in h.keys()}
 
+    def has(self, name: str) -> bool:
+        return name in self.where
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise ReshardError(f"the Hugging Face weights have no tensor {name!r}")
@@ -207,7 +221,7 @@ def imported_model(
 ) -> GPTConfig:
     """The megalite model an HF config.json describes, split at TP x PP (chunks); the
     GPTConfig refuses a layout that cannot hold it, naming the flags."""
-    a = H.megalite_args_from_hf(hf)
+    a = HM.moe_args_from_hf(hf)[0] if HM.is_moe_hf(hf) else H.megalite_args_from_hf(hf)
     fields = {f.name for f in cli_fields(GPTConfig)}
     model = {k: v for k, v in a.items() if k in fields}
     model["rotary_base"] = int(model.get("rotary_base", 10000))
@@ -230,23 +244,38 @@ def import_hf(
     layers_per_virtual: Optional[int] = None,
     *,
     divisible: int = 128,
+    ep: int = 1,
     log: Callable[[str], None] = lambda message: None,
 ) -> Path:
-    """Write the HF model in `hf_dir` as a weights-only megalite checkpoint at TP x PP."""
+    """Write the HF model in `hf_dir` as a weights-only megalite checkpoint at TP x PP (an MoE
+    model's experts over EP `ep`, ETP = TP)."""
     folder = Path(hf_dir)
     hf = json.loads((folder / "config.json").read_text())
+    moe, experts = None, None
     try:
         model = imported_model(hf, tp, pp, layers_per_virtual, divisible)
         rows = model.padded_vocab_size
         c = dataclasses.replace(model, vocab_size=rows, hidden_dropout=0.0, attention_dropout=0.0)
+        if HM.is_moe_hf(hf):
+            from megalite.moe.config import MoEConfig
+
+            moe = MoEConfig(**HM.moe_args_from_hf(hf)[1], expert_model_parallel_size=ep)
+            experts = X.ExpertLayout(moe.num_experts, ep, tp, tp, True)
+            experts.check(moe, c)
     except ValueError as e:
-        raise ReshardError(f"cannot import {folder} at TP {tp} x PP {pp}: {e}") from None
+        raise ReshardError(f"cannot import {folder} at TP {tp} x PP {pp} x EP {ep}: {e}") from None
     kind = hf["model_type"]
     reader = _Reader(folder)
     units = ["embedding", *(f"layer.{i}" for i in range(c.num_layers)), "final"]
+
+    def tensors(get, unit: str) -> dict[str, torch.Tensor]:
+        if moe is not None:
+            return HM.moe_from_hf(get, reader.has, unit, c, moe, kind, rows)
+        return H.from_hf(get, unit, c, kind, rows)
+
     names: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for unit in units:  # shapes only: the maps run on meta tensors
-        for n, t in H.from_hf(reader.meta, unit, c, kind, rows).items():
+        for n, t in tensors(reader.meta, unit).items():
             names[n] = (tuple(t.shape), t.dtype)
     tied = not c.untie_embeddings_and_output_weights
     if tied and pp > 1:
@@ -257,18 +286,20 @@ def import_hf(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    shards = write_skeletons(c, rows, names, False, None, tmp)
+    shards = write_skeletons(c, rows, names, False, None, tmp, experts)
     for unit in units:
-        full = {n: {"weight": t} for n, t in H.from_hf(reader.get, unit, c, kind, rows).items()}
+        full = {n: {"weight": t} for n, t in tensors(reader.get, unit).items()}
         if tied and pp > 1 and unit == "embedding":
             full[L.OUTPUT_LAYER] = full[L.WORD_EMBEDDING]
-        fill_unit(c, tmp, full, False)
+        fill_unit(c, tmp, full, False, experts)
         log(f"  {unit}: {len(full)} tensor(s)")
     for t, p in shards:
         for path in ckpt.shard_dir(tmp, t, p).iterdir():
             fsync_file(path)
     settings = {k: v for k, v in to_dict(model).items() if k in _flags(GPTConfig)}
     settings.update({k: getattr(model, k) for k in ckpt.LAYOUT_FIELDS})
+    if moe is not None:
+        settings.update({k: v for k, v in to_dict(moe).items() if k in _flags(type(moe))})
     meta = {
         "settings": settings,
         "model": to_dict(model),
@@ -281,6 +312,8 @@ def import_hf(
         "optimizer_format": None,
         "imported_from": {"folder": str(folder.resolve()), "model_type": kind},
     }
+    if experts is not None:
+        meta["expert_layout"] = experts.to_meta()
     with open(tmp / "meta.json", "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
         f.flush()
@@ -314,4 +347,17 @@ def pretrain_flags(meta: dict) -> str:
     for k in ckpt.LAYOUT_FIELDS:
         if meta["model"].get(k) is not None:
             out.append(f"{flag_name(k)} {meta['model'][k]}")
+    moe = X.moe_settings(meta)
+    if moe is not None:
+        defaults = type(moe)()
+        for f in cli_fields(type(moe)):
+            value = getattr(moe, f.name)
+            if value == getattr(defaults, f.name):
+                continue
+            if isinstance(value, bool):
+                out += [flag_name(f.name)] if value else []
+            elif value is not None:
+                text = str(value)
+                out.append(f"{flag_name(f.name)} '{text}'" if " " in text else
+                           f"{flag_name(f.name)} {text}")  # fmt: skip
     return " ".join(out)

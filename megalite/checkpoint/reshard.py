@@ -1,4 +1,5 @@
-"""Offline resharding of a megalite checkpoint to another TP / PP / virtual-pipeline layout.
+"""Offline resharding of a megalite checkpoint to another TP / PP / virtual-pipeline layout
+(and, for MoE, another expert split EP x ETP: `megalite.checkpoint.reshard_experts`).
 
 ``reshard(load, save, tp, pp, layers_per_virtual)`` reads the newest checkpoint of `load` and
 writes the same iteration to `save` at the target layout, on CPU, one *unit* at a time (the
@@ -34,6 +35,7 @@ import torch
 
 from megalite.checkpoint import format as ckpt
 from megalite.checkpoint import layout as L
+from megalite.checkpoint import reshard_experts as X
 from megalite.checkpoint.streaming import (
     empty_like_shape,
     filling,
@@ -60,6 +62,7 @@ class Source:
         self.config = L.config_from_meta(meta)
         self.tp = self.config.tensor_model_parallel_size
         self.pp = self.config.pipeline_model_parallel_size
+        self.experts = X.ExpertLayout.of_meta(meta)  # None: a dense model
         shard0 = ckpt.shard_dir(folder, 0, 0)
         if (shard0 / ckpt.PARAMS_OPTIM_FILE).exists():
             self.optim = "params"
@@ -78,6 +81,9 @@ class Source:
             model = read_lazy(self.shard(0, pp) / "model.pt")
             for chunk in model.values():
                 for name, t in chunk.items():
+                    if X.is_expert(name):
+                        out[name] = (self.experts.full_shape(name, tuple(t.shape)), t.dtype)
+                        continue
                     rule = L.split_rule(name, self.config.activation == "swiglu")
                     shape = list(t.shape)
                     if rule.dim is not None:
@@ -106,8 +112,17 @@ class Source:
 
     def read(self, pp: int, names: list[str], optim: bool = True) -> dict[str, dict[str, Any]]:
         """Full tensors of `names` (all on stage `pp`): {"weight", and "main", "exp_avg",
-        "exp_avg_sq", "step" when the checkpoint has optimizer state and `optim`}."""
+        "exp_avg_sq", "step" when the checkpoint has optimizer state and `optim`; buffers such as
+        the router's expert bias have no optimizer state}."""
         swiglu = self.config.activation == "swiglu"
+        expert_names = [n for n in names if X.is_expert(n)]
+        out = {}
+        if expert_names:
+            out = X.read_experts(
+                self.folder, self.experts, pp, expert_names, self.optim if optim else None
+            )
+            names = [n for n in names if not X.is_expert(n)]
+        stateful = [n for n in names if not X.is_buffer(n)]
         per_rank: list[dict[str, dict[str, Any]]] = []
         for tp in range(self.tp):
             model = read_lazy(self.shard(tp, pp) / "model.pt")
@@ -115,13 +130,13 @@ class Source:
             entry = {n: {"weight": weights[n]} for n in names}
             if optim and self.optim == "params":
                 params = read_lazy(self.shard(tp, pp) / ckpt.PARAMS_OPTIM_FILE)["params"]
-                for n in names:
+                for n in stateful:
                     entry[n].update({k: params[n][k] for k in (*MOMENTS, "step")})
             elif optim and self.optim == "v1":
                 every = {n: t for chunk in model.values() for n, t in chunk.items()}
-                self._regather(self.shard(tp, pp), weights, every, entry)
+                dense = {n: weights[n] for n in stateful}
+                self._regather(self.shard(tp, pp), dense, every, entry)
             per_rank.append(entry)
-        out = {}
         for n in names:
             rule = L.split_rule(n, swiglu)
             full = {
@@ -135,13 +150,14 @@ class Source:
         return out
 
     def _regather(self, shard: Path, weights: dict, every: dict, entry: dict) -> None:
-        """Put the ZeRO pieces of every DP rank's optimizer file back into whole TP shards."""
+        """Put the ZeRO pieces of every DP rank's optimizer file back into whole TP shards
+        (MoE without ZeRO: every DP rank's file repeats the dense state, any copy will do)."""
         files = sorted(shard.glob("optim_dp*.pt"))
         flat = {
             n: {k: torch.zeros(w.numel(), dtype=torch.float32) for k in MOMENTS}
             for n, w in weights.items()
         }
-        covered = {n: 0 for n in weights}
+        covered = {n: torch.zeros(w.numel(), dtype=torch.bool) for n, w in weights.items()}
         steps: dict[str, torch.Tensor] = {}
         for path in files:
             state = read_lazy(path)
@@ -159,14 +175,14 @@ class Source:
                 flat[name]["exp_avg"][start:end] = adam["exp_avg"]
                 flat[name]["exp_avg_sq"][start:end] = adam["exp_avg_sq"]
                 steps[name] = torch.as_tensor(adam["step"], dtype=torch.float32).reshape(())
-                covered[name] += end - start
+                covered[name][start:end] = True
             del state
         for name, w in weights.items():
-            if covered[name] != w.numel():
+            if not bool(covered[name].all()):
                 raise ReshardError(
                     f"{shard}: the optimizer files {[p.name for p in files]} cover "
-                    f"{covered[name]} of {w.numel()} elements of {name} (a DP rank's file is "
-                    f"missing?)"
+                    f"{int(covered[name].sum())} of {w.numel()} elements of {name} (a DP rank's "
+                    "file is missing?)"
                 )
             entry[name].update({k: flat[name][k].view(w.shape) for k in MOMENTS})
             entry[name]["step"] = steps[name]
@@ -212,41 +228,84 @@ def _target_names(src: Source, dst: GPTConfig) -> dict[str, tuple[tuple[int, ...
 
 
 def write_skeletons(
-    dst: GPTConfig, rows: int, names: dict, with_optim: bool, grad_scaler: Optional[dict], tmp: Path
+    dst: GPTConfig,
+    rows: int,
+    names: dict,
+    with_optim: bool,
+    grad_scaler: Optional[dict],
+    tmp: Path,
+    experts: Optional[X.ExpertLayout] = None,
 ) -> list[tuple[int, int]]:
-    """Write every target file without its tensor bytes; returns the (tp, pp) shards."""
+    """Write every target file without its tensor bytes; returns the (tp, pp) shards.
+
+    MoE (`experts`, the target's expert split): model.pt and optim_params.pt hold the experts of
+    DP rank 0; when DP ranks hold different experts, each (ep, etp) a rank of the folder's TP
+    rank can hold gets its own pair of files (`megalite.checkpoint.reshard_experts`)."""
     swiglu = dst.activation == "swiglu"
     tp, pp = dst.tensor_model_parallel_size, dst.pipeline_model_parallel_size
     shards = [(t, p) for p in range(pp) for t in range(tp)]
     for t, p in shards:
         model: dict[str, dict] = {f"chunk{c}": {} for c in range(dst.virtual_pipeline_size)}
         optim: dict[str, dict] = {}
+        expert_model: dict[str, dict] = {f"chunk{c}": {} for c in range(dst.virtual_pipeline_size)}
+        expert_optim: dict[str, dict] = {}
         for name, (shape, dtype) in names.items():
             stage, chunk = L.place(dst, name)
             if stage != p:
                 continue
-            rule, shape = L.split_rule(name, swiglu), list(shape)
-            if rule.vocab:
-                shape[0] = rows
-            if rule.dim is not None:
-                shape[rule.dim] //= tp
-            model[f"chunk{chunk}"][name] = empty_like_shape(tuple(shape), dtype)
-            optim[name] = {k: empty_like_shape(tuple(shape), torch.float32) for k in MOMENTS}
-            optim[name]["step"] = empty_like_shape((), torch.float32)
+            if X.is_expert(name):
+                shape = experts.local_shape(name, shape)
+                expert_model[f"chunk{chunk}"][name] = empty_like_shape(shape, dtype)
+                expert_optim[name] = _optim_skeleton(shape)
+            else:
+                rule, shape = L.split_rule(name, swiglu), list(shape)
+                if rule.vocab:
+                    shape[0] = rows
+                if rule.dim is not None:
+                    shape[rule.dim] //= tp
+                shape = tuple(shape)
+            model[f"chunk{chunk}"][name] = empty_like_shape(shape, dtype)
+            if not X.is_buffer(name):
+                optim[name] = _optim_skeleton(shape)
         folder = ckpt.shard_dir(tmp, t, p)
         folder.mkdir(parents=True)
         write_skeleton(model, folder / "model.pt")
         if with_optim:
             tree = {"format": PARAMS_FORMAT, "params": optim, "grad_scaler": grad_scaler}
             write_skeleton(tree, folder / ckpt.PARAMS_OPTIM_FILE)
+        if not (expert_optim and experts.split_over_dp):
+            continue
+        for e, x in experts.reachable(t):
+            write_skeleton(expert_model, folder / X.rank_file("experts", e, x))
+            if with_optim:
+                write_skeleton({"params": expert_optim}, folder / X.rank_file("optim_params", e, x))
     return shards
 
 
-def fill_unit(dst: GPTConfig, tmp: Path, full: dict[str, dict], with_optim: bool) -> None:
-    """Cut the unit's full tensors for every target TP rank and write them in place."""
+def _optim_skeleton(shape: tuple[int, ...]) -> dict:
+    entry = {k: empty_like_shape(shape, torch.float32) for k in MOMENTS}
+    entry["step"] = empty_like_shape((), torch.float32)
+    return entry
+
+
+def fill_unit(
+    dst: GPTConfig,
+    tmp: Path,
+    full: dict[str, dict],
+    with_optim: bool,
+    experts: Optional[X.ExpertLayout] = None,
+) -> None:
+    """Cut the unit's full tensors for every target TP rank (and expert rank) and write them
+    in place."""
     tp = dst.tensor_model_parallel_size
     swiglu = dst.activation == "swiglu"
     stages = {L.place(dst, n)[0] for n in full}
+
+    def cut(n: str, tensor: torch.Tensor, t: int, coords: Optional[tuple[int, int]] = None):
+        if X.is_expert(n):
+            return experts.split(n, tensor, *(coords or experts.coords(t)))
+        return L.split_full(tensor, L.split_rule(n, swiglu), tp, t)
+
     for p in sorted(stages):
         names = [n for n in full if L.place(dst, n)[0] == p]
         for t in range(tp):
@@ -254,18 +313,36 @@ def fill_unit(dst: GPTConfig, tmp: Path, full: dict[str, dict], with_optim: bool
             with filling(folder / "model.pt") as model:
                 flat = {n: w for chunk in model.values() for n, w in chunk.items()}
                 for n in names:
-                    flat[n].copy_(L.split_full(full[n]["weight"], L.split_rule(n, swiglu), tp, t))
+                    flat[n].copy_(cut(n, full[n]["weight"], t))
                 del flat
             del model  # unmap before the next file: only one unit's pages are ever resident
-            if not with_optim:
+            if with_optim:
+                with filling(folder / ckpt.PARAMS_OPTIM_FILE) as optim:
+                    for n in names:
+                        if X.is_buffer(n):
+                            continue
+                        for k in MOMENTS:
+                            optim["params"][n][k].copy_(cut(n, full[n][k], t))
+                        optim["params"][n]["step"].copy_(full[n]["step"])
+                del optim
+            expert_names = [n for n in names if X.is_expert(n)]
+            if not (expert_names and experts.split_over_dp):
                 continue
-            with filling(folder / ckpt.PARAMS_OPTIM_FILE) as optim:
-                for n in names:
-                    rule = L.split_rule(n, swiglu)
-                    for k in MOMENTS:
-                        optim["params"][n][k].copy_(L.split_full(full[n][k], rule, tp, t))
-                    optim["params"][n]["step"].copy_(full[n]["step"])
-            del optim
+            for coords in experts.reachable(t):
+                with filling(folder / X.rank_file("experts", *coords)) as model:
+                    flat = {n: w for chunk in model.values() for n, w in chunk.items()}
+                    for n in expert_names:
+                        flat[n].copy_(cut(n, full[n]["weight"], t, coords))
+                    del flat
+                del model
+                if not with_optim:
+                    continue
+                with filling(folder / X.rank_file("optim_params", *coords)) as optim:
+                    for n in expert_names:
+                        for k in MOMENTS:
+                            optim["params"][n][k].copy_(cut(n, full[n][k], t, coords))
+                        optim["params"][n]["step"].copy_(full[n]["step"])
+                del optim
 
 
 def plan_target(
@@ -298,19 +375,19 @@ def reshard(
     layers_per_virtual: Optional[int] = None,
     *,
     true_vocab: Optional[int] = None,
+    ep: Optional[int] = None,
+    etp: Optional[int] = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> Path:
-    """Reshard the newest checkpoint of `load` to TP `tp` x PP `pp`; returns the new folder."""
+    """Reshard the newest checkpoint of `load` to TP `tp` x PP `pp` (MoE: experts over EP `ep`
+    x ETP `etp`, see `reshard_experts.plan_experts` for the defaults); returns the new folder."""
     folder, meta = ckpt.load_meta(load)
-    if meta and meta.get("expert_layout"):
-        raise ckpt.CheckpointError(
-            f"{load} is an MoE checkpoint: resharding experts is not implemented yet"
-        )
     if folder is None:
         raise ReshardError(f"no checkpoint in {load} ({ckpt.TRACKER} is missing)")
     if Path(save).resolve() == Path(load).resolve():
         raise ReshardError(f"--save {save} is --load itself: write the new layout elsewhere")
     dst, rows = plan_target(meta, tp, pp, layers_per_virtual, true_vocab)
+    experts = X.plan_experts(meta, dst, ep, etp)
     src = Source(folder, meta)
     known_vocab = true_vocab or L.true_vocab_size(meta)
     names = _target_names(src, dst)
@@ -322,8 +399,8 @@ def reshard(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _convert(src, dst, rows, names, known_vocab, tmp, log)
-        _write_meta(tmp / "meta.json", meta, dst, rows, folder, src.optim is not None)
+        _convert(src, dst, rows, names, known_vocab, tmp, log, experts)
+        _write_meta(tmp / "meta.json", meta, dst, rows, folder, src.optim is not None, experts)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never complete: leave `save` as it was
         raise
@@ -338,10 +415,11 @@ def _convert(
     known_vocab: Optional[int],
     tmp: Path,
     log: Callable[[str], None],
+    experts: Optional[X.ExpertLayout] = None,
 ) -> None:
     """Write every target file under `tmp`, one unit at a time, and fsync them."""
     with_optim = src.optim is not None
-    shards = write_skeletons(dst, rows, names, with_optim, src.grad_scaler(), tmp)
+    shards = write_skeletons(dst, rows, names, with_optim, src.grad_scaler(), tmp, experts)
     tied_copy = L.OUTPUT_LAYER in names and not dst.untie_embeddings_and_output_weights
     for unit, unit_names in _units(list(names)):
         read = [n for n in unit_names if not (tied_copy and n == L.OUTPUT_LAYER)]
@@ -357,7 +435,7 @@ def _convert(
                 }
         if tied_copy and L.WORD_EMBEDDING in full:  # the last stage's copy of the embedding
             full[L.OUTPUT_LAYER] = full[L.WORD_EMBEDDING]
-        fill_unit(dst, tmp, full, with_optim)
+        fill_unit(dst, tmp, full, with_optim, experts)
         log(f"  {unit}: {len(read)} tensor(s)")
         del full
     for t, p in shards:
@@ -366,7 +444,13 @@ def _convert(
 
 
 def _write_meta(
-    path: Path, meta: dict, dst: GPTConfig, rows: int, source: Path, with_optim: bool
+    path: Path,
+    meta: dict,
+    dst: GPTConfig,
+    rows: int,
+    source: Path,
+    with_optim: bool,
+    experts: Optional[X.ExpertLayout] = None,
 ) -> None:
     """The source's meta with the target layout in its model config and settings."""
     layout = {k: getattr(dst, k) for k in ckpt.LAYOUT_FIELDS}
@@ -380,6 +464,11 @@ def _write_meta(
         **{k: meta["model"].get(k) for k in ckpt.LAYOUT_FIELDS},
         "padded_vocab_size": meta["padded_vocab_size"],
     }
+    if experts is not None:
+        new["resharded_from"]["expert_layout"] = meta["expert_layout"]
+        new["expert_layout"] = experts.to_meta()
+        settings["expert_model_parallel_size"] = experts.ep
+        settings["expert_tensor_parallel_size"] = None if experts.etp == experts.tp else experts.etp
     with open(path, "w") as f:
         json.dump(new, f, indent=1, sort_keys=True)
         f.flush()
@@ -390,10 +479,6 @@ def load_full_model(load: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
     """(meta, {name: full tensor}) of the newest checkpoint in `load`, every shard joined (the
     single-process model's state_dict with padded vocabulary). For small models and tests."""
     folder, meta = ckpt.load_meta(load)
-    if meta and meta.get("expert_layout"):
-        raise ckpt.CheckpointError(
-            f"{load} is an MoE checkpoint: resharding experts is not implemented yet"
-        )
     if folder is None:
         raise ReshardError(f"no checkpoint in {load}")
     out: dict[str, torch.Tensor] = {}

@@ -67,9 +67,15 @@ class GPTConfig:
     position_embedding_type: str = option(
         "learned_absolute", "absolute table or rotary", choices=POSITION_EMBEDDINGS
     )
+    no_position_embedding: bool = option(
+        False, "no learned position table (with --position-embedding-type rope: no effect)"
+    )
     rotary_base: int = option(10000, "RoPE base theta")
     rotary_percent: float = option(1.0, "fraction of each head's channels that RoPE rotates")
     disable_bias_linear: bool = option(False, "no biases on the QKV, projection and MLP linears")
+    add_qkv_bias: bool = option(
+        False, "a bias on the QKV linear even with --disable-bias-linear (Qwen2 style)"
+    )
     untie_embeddings_and_output_weights: bool = option(
         False, "separate output layer instead of reusing the word embedding"
     )
@@ -227,6 +233,12 @@ class GPTConfig:
     def add_bias_linear(self) -> bool:
         """Biases on the QKV, projection and MLP linears."""
         return not self.disable_bias_linear
+
+    @property
+    def learned_positions(self) -> bool:
+        """A learned absolute position table is added to the embedding (Megatron's
+        ``add_position_embedding``: ``--no-position-embedding`` turns it off; RoPE has none)."""
+        return self.position_embedding_type == "learned_absolute" and not self.no_position_embedding
 
     @property
     def head_dim(self) -> int:

@@ -14,7 +14,8 @@ with f = 4h it is Narayanan's ``72 B s L h^2 (1 + s/(6h) + V/(12 h L))``.
 
 MoE layers (`moe`, a `megalite.moe.MoEConfig`) count *active* parameters: the router ``2 h E``,
 then k experts of width f_e per token and the shared expert of width f_s, each ``2 h f k' + 2 f h``
-as the dense MLP (dropless routing: exactly k experts per token).
+as the dense MLP (dropless routing: exactly k experts per token), plus ``2 h`` for the shared
+expert's gate (``--moe-shared-expert-gate``).
 
 These are *model* FLOPs: activation recompute adds work but not model FLOPs (that would be
 hardware FLOPs), so MFU = this / (step time x peak FLOP/s x number of devices).
@@ -53,6 +54,8 @@ def num_floating_point_operations(
             per_token += 2 * h * moe.num_experts  # router
             per_token += moe.moe_router_topk * mlp(moe.moe_ffn_hidden_size or f)
             per_token += mlp(moe.moe_shared_expert_intermediate_size or 0)
+            if moe.moe_shared_expert_gate:  # sigmoid(x . w_gate): one h-vector per token
+                per_token += 2 * h
         else:
             per_token += mlp(f)
     return 3.0 * batch_size * s * per_token

@@ -11,6 +11,7 @@ resharding map by name). Names, also used to seed each weight's init:
 
     embedding.word_embeddings.weight         [V/tp, h]      first stage
     embedding.position_embeddings.weight     [max_pos, h]   first stage, learned positions only
+                                                            (not with --no-position-embedding)
     decoder.layers.{i}.input_layernorm.*  .self_attention.linear_qkv.*  .self_attention.
         linear_proj.*  .pre_mlp_layernorm.*  .mlp.linear_fc1.*  .mlp.linear_fc2.*
     decoder.final_layernorm.*                               last stage
@@ -73,7 +74,7 @@ class Embedding(nn.Module):
             init_method=init.normal(WORD_EMBEDDING, rows=c.vocab_size),
             params_dtype=c.params_dtype, device=device,
         )  # fmt: skip
-        if c.position_embedding_type == "learned_absolute":
+        if c.learned_positions:
             name = "embedding.position_embeddings.weight"
             table = torch.empty(c.max_position_embeddings, c.hidden_size)
             init.normal(name)(table)

@@ -135,9 +135,10 @@ class SelfAttention(nn.Module):
             device=device,
         )
         qkv_size = (c.num_attention_heads + 2 * c.num_query_groups) * d
+        qkv_common = dict(common, bias=c.add_bias_linear or c.add_qkv_bias)
         self.linear_qkv = ColumnParallelLinear(
             c.hidden_size, qkv_size, init_method=init.normal(prefix + "linear_qkv.weight"),
-            gather_output=False, **common,
+            gather_output=False, **qkv_common,
         )  # fmt: skip
         self.linear_proj = RowParallelLinear(
             c.num_attention_heads * d, c.hidden_size, input_is_parallel=True,

@@ -70,6 +70,9 @@ class MoEConfig:
     moe_shared_expert_intermediate_size: Optional[int] = option(
         None, "width of the shared experts' MLP seen by every token (None: no shared expert)"
     )
+    moe_shared_expert_gate: bool = option(
+        False, "scale the shared expert's output by sigmoid(x . w_gate), per token (Qwen2-MoE)"
+    )
     moe_layer_freq: Union[int, str] = option(
         1, "MoE every N layers (int), or a 0/1 list per layer such as '([0]*1+[1]*3)'"
     )
@@ -125,6 +128,11 @@ class MoEConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1: {value!r}")
+        if self.moe_shared_expert_gate and not self.moe_shared_expert_intermediate_size:
+            raise ConfigError(
+                "--moe-shared-expert-gate needs a shared expert "
+                "(--moe-shared-expert-intermediate-size)"
+            )
         ep = self.expert_model_parallel_size
         if e % ep != 0:
             raise ConfigError(

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from megalite.moe.collectives import AttachAuxLoss
@@ -98,6 +99,13 @@ class MoELayer(nn.Module):
 
             shared = dataclasses.replace(c, ffn_hidden_size=moe.moe_shared_expert_intermediate_size)
             self.shared_experts = MLP(shared, prefix + "shared_experts.", init, groups.tp, device)
+            if moe.moe_shared_expert_gate:  # Megatron's SharedExpertMLP.gate_weight [1, h]
+                gate = torch.empty(1, c.hidden_size)
+                init.normal(prefix + "shared_experts.gate_weight")(gate)
+                weight = nn.Parameter(gate.to(device=device, dtype=c.params_dtype))
+                # Under SP each TP rank gates its own tokens: sum the gradient over TP.
+                weight.sequence_parallel = c.sequence_parallel and self.tp_size > 1
+                self.shared_experts.gate_weight = weight
         self.dispatcher = build_dispatcher(moe.moe_token_dispatcher_type, e, groups)
         self.aux_loss_scale = 1.0
         self.metrics: dict[str, Any] = {}
@@ -108,6 +116,8 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.shared_experts(x) if self.shared_experts is not None else None
+        if shared is not None and self.moe.moe_shared_expert_gate:
+            shared = shared * torch.sigmoid(F.linear(x, self.shared_experts.gate_weight))
         local = scatter_to_sequence_parallel_region(x, self.groups.tp) if self.split_tokens else x
         s, b, h = local.shape
         tokens = local.reshape(s * b, h)

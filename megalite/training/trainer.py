@@ -195,6 +195,9 @@ class Trainer:
         ckpt.check_compatible(meta, self.config, folder)
         self._check_expert_layout(meta, folder)
         coords = {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.ckpt_dp_rank}
+        if self.moe is not None:  # a resharded MoE checkpoint keeps experts per (ep, etp)
+            coords["ep"] = ps.get_expert_model_parallel_rank()
+            coords["etp"] = ps.get_expert_tensor_parallel_rank()
         load_optim = not (c.no_load_optim or c.finetune or self.cfg.parallel.deepspeed)
         files, error = None, None
         try:
@@ -261,8 +264,18 @@ class Trainer:
         saved, mine = meta.get("expert_layout"), self._expert_layout()
         if saved != mine:
             raise ckpt.CheckpointError(
-                f"checkpoint {folder} has MoE layout {saved}, this run {mine}: resuming at "
-                "another expert layout (or resharding experts) is not implemented yet"
+                f"checkpoint {folder} has MoE layout {saved}, this run {mine}: to resume at "
+                "another expert layout, convert the checkpoint first with megalite-reshard "
+                "(--target-expert-model-parallel-size / --target-expert-tensor-parallel-size)"
+            )
+        # The trainer's experts_dpNNN.pt files hold DP rank NNN's experts: they fit this DP size
+        # only (a resharded checkpoint keeps experts per (ep, etp) instead and fits any).
+        had = meta.get("data_parallel_size", self.dp) * meta.get("context_parallel_size", 1)
+        if had != self.dp * self.cp and any(folder.glob("mp_rank_*/experts_dp*.pt")):
+            raise ckpt.CheckpointError(
+                f"checkpoint {folder} keeps the experts of each of its {had} DP x CP ranks; this "
+                f"run has DP x CP = {self.dp * self.cp}: convert it first with megalite-reshard "
+                "(a resharded checkpoint resumes at any DP size)"
             )
 
     def save(self) -> None:
