@@ -200,11 +200,49 @@ class BlockResult:
     nbytes: int = 0
 
 
+def _loads_or_none():
+    try:  # orjson parses 2-3x faster; any line it refuses goes through json (same semantics)
+        import orjson
+
+        return orjson.loads
+    except ImportError:
+        return None
+
+
+_FAST_LOADS = _loads_or_none()
+
+
+def _parse_fast(json_keys: list[str], lines: list[bytes]) -> Optional[dict]:
+    """``{key: texts}`` when every line is a JSON object with a string under every key, else
+    None (the caller then goes line by line for the exact error)."""
+    if _FAST_LOADS is None:
+        return None
+    try:
+        objs = [_FAST_LOADS(line) for line in lines]
+        texts = {k: [o[k] for o in objs] for k in json_keys}
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    if any(type(o) is not dict for o in objs):
+        return None
+    for values in texts.values():
+        if not all(type(v) is str for v in values):
+            return None
+    return texts
+
+
 def parse_jsonl(json_keys: list[str], first_line: int, blob: bytes) -> tuple[BlockResult, dict]:
     """Whole JSONL lines -> (a BlockResult with docs / bad / nbytes, ``{key: texts}``)."""
     out = BlockResult(nbytes=len(blob))
-    texts: dict[str, list[str]] = {k: [] for k in json_keys}
-    for i, line in enumerate(blob.split(b"\n")):
+    lines = blob.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    if all(line and not line.isspace() for line in lines):
+        texts = _parse_fast(json_keys, lines)
+        if texts is not None:
+            out.docs = len(lines)
+            return out, texts
+    texts = {k: [] for k in json_keys}
+    for i, line in enumerate(lines):
         if not line or line.isspace():
             continue
         try:
@@ -263,7 +301,9 @@ class BlockEncoder:
         """Each document's tokens without prefix, suffix or eod, through the fast encoder;
         documents holding special-token text go through the tokenizer itself."""
         pattern = self.exact_only
-        special = [i for i, t in enumerate(texts) if pattern.search(t)] if pattern else []
+        special = []
+        if pattern is not None and pattern.search("\n".join(texts)):  # one scan per block
+            special = [i for i, t in enumerate(texts) if pattern.search(t)]
         if not special:
             tokens, lengths = self.fast_encoder(texts)
             self._spot_check(texts, tokens, lengths)

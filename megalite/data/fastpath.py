@@ -87,17 +87,32 @@ def _gigatoken_for(tokenizer: Tokenizer):
 
 
 def gigatoken_encoder(gt_tokenizer) -> Encoder:
-    """texts -> (flat int64 tokens, int64 lengths), on the calling thread."""
-    import awkward as ak
+    """texts -> (flat int64 tokens, int64 lengths), on the calling thread (gigatoken releases
+    the GIL while it encodes, so several threads encode at once)."""
 
     def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if not texts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         out = gt_tokenizer.encode_batch(texts, parallel=False)
-        flat = ak.to_numpy(ak.flatten(out, axis=1)).astype(np.int64)
-        return flat, ak.to_numpy(ak.num(out, axis=1)).astype(np.int64)
+        return awkward_ragged(out)
 
     return encode
+
+
+def awkward_ragged(out) -> tuple[np.ndarray, np.ndarray]:
+    """gigatoken's awkward [docs, var] token array -> (flat int64 tokens, int64 lengths), read
+    straight from its offsets and flat buffer (no per-document work)."""
+    import awkward as ak
+
+    layout = out.layout
+    if isinstance(layout, ak.contents.ListOffsetArray) and isinstance(
+        layout.content, ak.contents.NumpyArray
+    ):
+        offsets = np.asarray(layout.offsets)
+        flat = np.asarray(layout.content.data)[offsets[0] : offsets[-1]]
+        return flat.astype(np.int64), np.diff(offsets).astype(np.int64)
+    flat = ak.to_numpy(ak.flatten(out, axis=1)).astype(np.int64)
+    return flat, ak.to_numpy(ak.num(out, axis=1)).astype(np.int64)
 
 
 def first_difference(tokenizer: Tokenizer, encoder: Encoder, texts: list[str]) -> Optional[str]:
