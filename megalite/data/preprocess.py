@@ -4,7 +4,9 @@
         --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model --append-eod \\
         --workers 2
 
-writes ``out/corpus_text_document.bin/.idx``, one sequence (and document) per input line.
+writes ``out/corpus_text_document.bin/.idx``, one sequence (and document) per input line;
+with ``--split-sentences`` ``out/corpus_text_sentence.bin/.idx``, one document per line made of
+one sequence per sentence (sentences.py: NLTK's Punkt, untrained; see there how it differs).
 Inputs (readers.py): ``.jsonl`` / ``.json``, ``.gz`` and ``.zst`` of those, ``.parquet`` (the
 ``--json-keys`` columns), folders of such shards and globs, in sorted order.
 
@@ -13,7 +15,8 @@ rows), at most ``2 * workers`` blocks are in flight, and each worker returns fla
 arrays that the main process appends to the .bin: memory stays flat whatever the corpus size.
 Outputs are written under temporary names and renamed only when everything succeeded. A bad
 line (malformed JSON, missing key, non-string value, parquet null) stops the run with
-``file:line`` unless ``--skip-bad-lines``. A document with no tokens (empty text) is left out.
+``file:line`` unless ``--skip-bad-lines``. A document with no tokens (empty text) stays in the
+index as a document of no sequences, as Megatron's ``preprocess_data.py`` writes it.
 Encoding goes through gigatoken when its start-up self-check shows it exact (fastpath.py).
 """
 
@@ -37,6 +40,7 @@ from megalite.data.fastpath import SAMPLE_DOCS, choose_fast_encoder, gigatoken_e
 from megalite.data.indexed_dataset import IndexedDatasetWriter, best_dtype
 from megalite.data.merge import merge_datasets
 from megalite.data.readers import InputError, expand_inputs, known_size, read_blocks
+from megalite.data.sentences import build_splitter
 from megalite.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 
 # Blocks of JSON lines on the gigatoken path: larger than the process pool's (nothing is copied
@@ -64,14 +68,16 @@ class PreprocessStats:
             f"preprocess: {self.docs} docs, {self.tokens} tokens, {self.nbytes / 1e6:.1f} MB "
             f"in {self.seconds:.1f} s: {self.tokens / sec:,.0f} tokens/s, "
             f"{self.nbytes / 1e6 / sec:.1f} MB/s ({self.bad_lines} bad lines skipped, "
-            f"{self.empty_docs} empty docs left out)"
+            f"{self.empty_docs} documents without tokens)"
         )
 
 
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_args: dict, json_keys, append_eod, dtype, fast, fast_build) -> None:
+def _init_worker(
+    tokenizer_args: dict, json_keys, append_eod, dtype, fast, fast_build, sentences
+) -> None:
     # One single-threaded tokenizer per process: Rust-side thread pools would only fight the
     # other workers for the same cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -84,7 +90,13 @@ def _init_worker(tokenizer_args: dict, json_keys, append_eod, dtype, fast, fast_
     elif fast_build is not None:
         encoder = fast_build(tokenizer)
     _WORKER["encoder"] = BlockEncoder(
-        tokenizer, json_keys, append_eod, dtype, fast, fast_encoder=encoder
+        tokenizer,
+        json_keys,
+        append_eod,
+        dtype,
+        fast,
+        fast_encoder=encoder,
+        sentence_splitter=None if sentences is None else build_splitter(*sentences),
     )
 
 
@@ -145,15 +157,17 @@ class _Partitions:
         self.writers = [IndexedDatasetWriter(n, dtype) for n in self.names]
         self.num_tokens = 0
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """``lengths``: one per document, 0 for a left-out empty one (it still takes a turn)."""
-        where = (self.seen + np.arange(len(lengths))) % self.count
+    def add_sequences(self, tokens: np.ndarray, lengths: np.ndarray, per_doc: np.ndarray) -> None:
+        """As ``IndexedDatasetWriter.add_sequences``; documents with no sequences take their
+        turn too (Megatron deals input lines, empty or not)."""
+        where = (self.seen + np.arange(len(per_doc))) % self.count
+        seq_where = np.repeat(where, per_doc)
         starts = np.cumsum(lengths) - lengths
         for p, writer in enumerate(self.writers):
-            mine = (where == p) & (lengths > 0)
+            mine = seq_where == p
             mine_tokens = gather_segments(tokens, starts[mine], lengths[mine])
-            writer.add_documents(mine_tokens, lengths[mine])
-        self.seen += len(lengths)
+            writer.add_sequences(mine_tokens, lengths[mine], per_doc[where == p])
+        self.seen += len(per_doc)
         self.num_tokens += len(tokens)
 
     def finalize(self) -> None:
@@ -185,9 +199,12 @@ def preprocess(
     partitions: int = 1,
     keep_sequential_samples: bool = False,
     log_interval: int = 0,
+    split_sentences: bool = False,
+    keep_newlines: bool = False,
     _fast_build: Optional[Callable] = None,
 ) -> PreprocessStats:
-    """Tokenize ``inputs`` into ``{output_prefix}_{key}_document.{bin,idx}`` per key.
+    """Tokenize ``inputs`` into ``{output_prefix}_{key}_document.{bin,idx}`` per key
+    (``..._sentence...`` with ``split_sentences``).
 
     ``tokenizer_args``: keyword arguments of ``build_tokenizer``. ``fast=False`` uses the
     tokenizer's plain batched encode instead of chunk memoisation (same tokens, slower).
@@ -195,6 +212,8 @@ def preprocess(
     ``partitions`` > 1 without ``keep_sequential_samples``: Megatron's round-robin order (see
     ``_Partitions``); with it, input order (as Megatron's sequential partitions give).
     ``log_interval``: a Megatron-style progress line every that many documents (0: none).
+    ``split_sentences``: each document a sequence per sentence (sentences.py); with
+    ``keep_newlines`` the whitespace after a sentence stays in it.
     ``progress``: a tqdm bar (None: only on a terminal). Raises ``PreprocessError`` for bad
     input, after removing every temporary file. ``_fast_build``: tests' stand-in fast path.
     """
@@ -208,7 +227,11 @@ def preprocess(
         tokenizer.eod  # noqa: B018  (raises when the vocabulary has no eod token)
     dtype = best_dtype(tokenizer.vocab_size)
     stats = PreprocessStats()
-    prefixes = {k: f"{output_prefix}_{k}_document" for k in json_keys}
+    level = "sentence" if split_sentences else "document"  # Megatron's file names
+    prefixes = {k: f"{output_prefix}_{k}_{level}" for k in json_keys}
+    sentences = (keep_newlines,) if split_sentences else None
+    if sentences is not None:
+        build_splitter(*sentences)  # fail early when nltk is missing
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(out_dir):
         raise PreprocessError(f"--output-prefix {output_prefix}: no directory {out_dir}")
@@ -230,11 +253,20 @@ def preprocess(
         disable=(None if progress is None else not progress),
         file=log,
     )
-    init = (tokenizer_args, json_keys, append_eod, dtype, fast, fast_build)
+    init = (tokenizer_args, json_keys, append_eod, dtype, fast, fast_build, sentences)
     block_bytes = None
     if fast_build == "gigatoken":
         block_bytes = FAST_BLOCK_BYTES
-        shared = BlockEncoder(tokenizer, json_keys, append_eod, dtype, fast, fast_encoder=encoder)
+        splitter = None if sentences is None else build_splitter(*sentences)
+        shared = BlockEncoder(
+            tokenizer,
+            json_keys,
+            append_eod,
+            dtype,
+            fast,
+            fast_encoder=encoder,
+            sentence_splitter=splitter,
+        )
         pool = _Threads(workers, shared)
     else:
         pool = mp.Pool(workers, initializer=_init_worker, initargs=init)
@@ -260,12 +292,9 @@ def preprocess(
                 if stats.bad_lines <= 5:  # show the first few, count the rest
                     say(f"skipped {path}:{line}: {reason}")
             for k, writer in writers.items():
-                lengths = res.lengths[k]
-                stats.empty_docs += int((lengths == 0).sum())
-                if isinstance(writer, _Partitions):
-                    writer.add(res.tokens[k], lengths)
-                else:
-                    writer.add_documents(res.tokens[k], lengths[lengths > 0])
+                lengths, per_doc = res.sequences(k)
+                stats.empty_docs += int((per_doc == 0).sum())
+                writer.add_sequences(res.tokens[k], lengths, per_doc)
             stats.docs += int(res.docs)
             stats.nbytes += res.nbytes
             bar.update(res.nbytes)
@@ -317,12 +346,12 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument(
         "--split-sentences",
         action="store_true",
-        help="refused: Megatron splits with NLTK punkt, a model megalite does not download",
+        help="a sequence per sentence (NLTK Punkt untrained, not Megatron's english model)",
     )
     g.add_argument(
         "--keep-newlines",
         action="store_true",
-        help="only acts with --split-sentences (as in Megatron); accepted, changes nothing",
+        help="with --split-sentences: whitespace after a sentence stays in it (as Megatron)",
     )
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
@@ -373,12 +402,6 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"--partitions must be at least 1 (got {args.partitions})")
     if args.log_interval < 0:
         p.error(f"--log-interval must be 0 (off) or more (got {args.log_interval})")
-    if args.split_sentences:
-        p.error(
-            "--split-sentences is not supported: Megatron splits with NLTK's punkt model, which "
-            "must be downloaded (nothing is fetched here), and its sentence boundaries would "
-            "have to match NLTK's exactly; preprocess whole documents instead"
-        )
     return args
 
 
@@ -415,8 +438,10 @@ def run(args: argparse.Namespace) -> int:
             partitions=args.partitions,
             keep_sequential_samples=args.keep_sequential_samples,
             log_interval=args.log_interval,
+            split_sentences=args.split_sentences,
+            keep_newlines=args.keep_newlines,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(stats.summary(), file=sys.stderr)
