@@ -138,8 +138,37 @@ def test_gigatoken_is_used_only_where_exact(setup, tmp_path, kind):
 
 def test_gigatoken_refusing_a_model_falls_back(tmp_path):
     pytest.importorskip("gigatoken")
-    model = train_sentencepiece(str(tmp_path / "nbf.model"), byte_fallback=False)
+    model = train_sentencepiece(str(tmp_path / "uni.model"), model_type="unigram")
     tok = build_tokenizer("GPTSentencePieceTokenizer", model)
     lines = []
     assert choose_fast_encoder(tok, ["some text"], lines.append) is None
     assert "gigatoken cannot load it" in lines[0] and "using megalite's exact encoder" in lines[0]
+
+
+@pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "GPTSentencePieceTokenizer"])
+def test_bpe_without_byte_fallback_through_gigatoken(setup, tmp_path, capsys, kind):
+    """A BPE model without byte fallback goes to gigatoken with byte pieces added; runs of
+    unknown characters (here the rarest characters: 98% character coverage) come back as
+    one <unk> each, as sentencepiece gives them: the same bytes as the exact path."""
+    pytest.importorskip("gigatoken")
+    model = train_sentencepiece(
+        str(tmp_path / "nbf.model"), byte_fallback=False, character_coverage=0.98
+    )
+    tok = build_tokenizer(kind, model)
+    odd = ["東京は日本の首都です 😀😀 x😀y", "😀", "a\u3000b ŋŋ ŋ", "ŋ", "ŋ😀 ŋ"]
+    unk = tok.sp.unk_id()
+    assert sum(ids.count(unk) for ids in tok.tokenize_body_batch(odd)) >= 6
+    lines = []
+    encoder = choose_fast_encoder(tok, setup["docs"] + odd, lines.append)
+    assert encoder is not None, lines
+    texts = odd + setup["docs"][:50] + odd[::-1]  # unknown runs at document edges
+    tokens, lengths = encoder(texts)
+    want, want_lengths = ragged(tok.tokenize_body_batch(texts))
+    assert tokens.tolist() == want.tolist() and lengths.tolist() == want_lengths.tolist()
+    src = write_jsonl(str(tmp_path / "odd.jsonl"), texts + EDGE_CASES + setup["docs"])
+    common = dict(tokenizer_args={"tokenizer_type": kind, "tokenizer_model": model})
+    common.update(append_eod=True, workers=2)
+    preprocess([src], str(tmp_path / "auto"), **common)
+    assert "fast path: gigatoken, exact on the" in capsys.readouterr().err
+    preprocess([src], str(tmp_path / "ref"), fast_tokenizer="exact", **common)
+    assert _bytes(tmp_path / "auto") == _bytes(tmp_path / "ref")

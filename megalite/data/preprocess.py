@@ -36,7 +36,7 @@ import numpy as np
 
 from megalite.data.chunking import gather_segments
 from megalite.data.encode import BlockEncoder, BlockResult, parse_jsonl
-from megalite.data.fastpath import SAMPLE_DOCS, choose_fast_encoder, gigatoken_encoder
+from megalite.data.fastpath import SAMPLE_DOCS, choose_fast_encoder, gigatoken_encoder_for
 from megalite.data.indexed_dataset import IndexedDatasetWriter, best_dtype
 from megalite.data.merge import merge_datasets
 from megalite.data.readers import InputError, expand_inputs, known_size, read_blocks
@@ -86,9 +86,7 @@ def _init_worker(
     tokenizer = build_tokenizer(**tokenizer_args)
     encoder = None
     if fast_build == "gigatoken":
-        from megalite.data.fastpath import _gigatoken_for
-
-        encoder = gigatoken_encoder(_gigatoken_for(tokenizer)[0])
+        encoder = gigatoken_encoder_for(tokenizer)[0]
     elif fast_build is not None:
         encoder = fast_build(tokenizer)
     _WORKER["encoder"] = BlockEncoder(
