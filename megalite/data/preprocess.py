@@ -10,9 +10,11 @@ one sequence per sentence (sentences.py: NLTK's Punkt, untrained; see there how 
 Inputs (readers.py): ``.jsonl`` / ``.json``, ``.gz`` and ``.zst`` of those, ``.parquet`` (the
 ``--json-keys`` columns), folders of such shards and globs, in sorted order.
 
-Streaming: the main process reads the inputs in blocks (1 MB of whole lines, or 1024 parquet
-rows), at most ``2 * workers`` blocks are in flight, and each worker returns flat numpy token
-arrays that the main process appends to the .bin: memory stays flat whatever the corpus size.
+Streaming: the main process reads the inputs in blocks (1 MB of whole lines, 4 MB on the
+gigatoken path, or 1024 parquet rows), at most ``2 * workers`` blocks are in flight, and each
+worker (a process; a thread of this process on the gigatoken path, see ``_Threads``) returns
+flat numpy token arrays that the main process appends to the .bin: memory stays flat whatever
+the corpus size.
 Outputs are written under temporary names and renamed only when everything succeeded. A bad
 line (malformed JSON, missing key, non-string value, parquet null) stops the run with
 ``file:line`` unless ``--skip-bad-lines``. A document with no tokens (empty text) stays in the
