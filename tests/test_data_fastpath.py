@@ -106,6 +106,27 @@ def test_spot_check_stops_a_run_the_sample_missed(setup, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["late.jsonl"]  # nothing written
 
 
+def test_spot_check_stops_the_threaded_gigatoken_path(setup, tmp_path, monkeypatch):
+    """The same on the gigatoken path proper (threads in the main process, 4 MB blocks): the
+    mismatch raised in a thread stops the run and nothing is written."""
+    import megalite.data.fastpath
+    import megalite.data.preprocess
+
+    monkeypatch.setattr(megalite.data.preprocess, "FAST_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(
+        megalite.data.fastpath,
+        "gigatoken_encoder_for",
+        lambda tok: (wrong_after_the_sample(tok), ""),
+    )
+    plain = "the first documents are plain prose " * 8
+    docs = [plain] * 3000 + ["class Error(Exception): pass"] * 400
+    src = write_jsonl(str(tmp_path / "late.jsonl"), docs)
+    common = dict(tokenizer_args=setup["hf"], append_eod=True, workers=2)
+    with pytest.raises(ValueError, match="rerun with --fast-tokenizer exact"):
+        preprocess([src], str(tmp_path / "o"), **common)
+    assert os.listdir(tmp_path) == ["late.jsonl"]
+
+
 def test_exact_stand_in_runs_in_the_workers(setup, tmp_path, capsys):
     """A fast path that passes is what the workers use: same bytes as the exact run."""
     common = dict(tokenizer_args=setup["sp"], append_eod=True, workers=2)
