@@ -107,6 +107,20 @@ def _encode(task: tuple) -> tuple[str, BlockResult]:
     return path, _WORKER["encoder"].encode_block(first_line, blob)
 
 
+class _Pending:
+    """A future with ``AsyncResult``'s ``get``. (Not ``future.get = future.result``: that
+    reference cycle kept every block's tokens alive until the cyclic GC ran, +70 MB of peak
+    RSS over 4x the corpus.)"""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future):
+        self.future = future
+
+    def get(self):
+        return self.future.result()
+
+
 class _Threads:
     """The gigatoken path's pool: ``workers`` threads of this process sharing one BlockEncoder.
 
@@ -122,8 +136,7 @@ class _Threads:
     def apply_async(self, fn, args: tuple):
         task = args[0]
         future = self.executor.submit(lambda: (task[0], self.encoder.encode_block(*task[1:])))
-        future.get = future.result  # the AsyncResult spelling
-        return future
+        return _Pending(future)
 
     def terminate(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
