@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("sentences")
     hf = train_byte_level_bpe(str(d / "hf"), vocab_size=600)["tokenizer_json"]
     sp = train_sentencepiece(str(d / "sp.model"), vocab_size=500)
-    docs = PROSE + EDGE_CASES + stdlib_text(30_000) + ["", "last one. Really."]
+    docs = PROSE + EDGE_CASES + stdlib_text(10_000) + ["", "last one. Really."]
     return {
         "dir": d,
         "docs": docs,

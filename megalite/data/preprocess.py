@@ -391,7 +391,9 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/idx")
     g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1, help="worker processes")
+    g.add_argument(
+        "--workers", type=int, default=1, help="worker processes (threads on the gigatoken path)"
+    )
     g.add_argument(
         "--partitions",
         type=int,
