@@ -106,6 +106,27 @@ def test_spot_check_stops_a_run_the_sample_missed(setup, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["late.jsonl"]  # nothing written
 
 
+def test_spot_check_stops_the_threaded_gigatoken_path(setup, tmp_path, monkeypatch):
+    """The same on the gigatoken path proper (threads in the main process, 4 MB blocks): the
+    mismatch raised in a thread stops the run and nothing is written."""
+    import megalite.data.fastpath
+    import megalite.data.preprocess
+
+    monkeypatch.setattr(megalite.data.preprocess, "FAST_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(
+        megalite.data.fastpath,
+        "gigatoken_encoder_for",
+        lambda tok: (wrong_after_the_sample(tok), ""),
+    )
+    plain = "the first documents are plain prose " * 8
+    docs = [plain] * 3000 + ["class Error(Exception): pass"] * 400
+    src = write_jsonl(str(tmp_path / "late.jsonl"), docs)
+    common = dict(tokenizer_args=setup["hf"], append_eod=True, workers=2)
+    with pytest.raises(ValueError, match="rerun with --fast-tokenizer exact"):
+        preprocess([src], str(tmp_path / "o"), **common)
+    assert os.listdir(tmp_path) == ["late.jsonl"]
+
+
 def test_exact_stand_in_runs_in_the_workers(setup, tmp_path, capsys):
     """A fast path that passes is what the workers use: same bytes as the exact run."""
     common = dict(tokenizer_args=setup["sp"], append_eod=True, workers=2)
@@ -138,8 +159,37 @@ def test_gigatoken_is_used_only_where_exact(setup, tmp_path, kind):
 
 def test_gigatoken_refusing_a_model_falls_back(tmp_path):
     pytest.importorskip("gigatoken")
-    model = train_sentencepiece(str(tmp_path / "nbf.model"), byte_fallback=False)
+    model = train_sentencepiece(str(tmp_path / "uni.model"), model_type="unigram")
     tok = build_tokenizer("GPTSentencePieceTokenizer", model)
     lines = []
     assert choose_fast_encoder(tok, ["some text"], lines.append) is None
     assert "gigatoken cannot load it" in lines[0] and "using megalite's exact encoder" in lines[0]
+
+
+@pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "GPTSentencePieceTokenizer"])
+def test_bpe_without_byte_fallback_through_gigatoken(setup, tmp_path, capsys, kind):
+    """A BPE model without byte fallback goes to gigatoken with byte pieces added; runs of
+    unknown characters (here the rarest characters: 98% character coverage) come back as
+    one <unk> each, as sentencepiece gives them: the same bytes as the exact path."""
+    pytest.importorskip("gigatoken")
+    model = train_sentencepiece(
+        str(tmp_path / "nbf.model"), byte_fallback=False, character_coverage=0.98
+    )
+    tok = build_tokenizer(kind, model)
+    odd = ["東京は日本の首都です 😀😀 x😀y", "😀", "a\u3000b ŋŋ ŋ", "ŋ", "ŋ😀 ŋ"]
+    unk = tok.sp.unk_id()
+    assert sum(ids.count(unk) for ids in tok.tokenize_body_batch(odd)) >= 6
+    lines = []
+    encoder = choose_fast_encoder(tok, setup["docs"] + odd, lines.append)
+    assert encoder is not None, lines
+    texts = odd + setup["docs"][:50] + odd[::-1]  # unknown runs at document edges
+    tokens, lengths = encoder(texts)
+    want, want_lengths = ragged(tok.tokenize_body_batch(texts))
+    assert tokens.tolist() == want.tolist() and lengths.tolist() == want_lengths.tolist()
+    src = write_jsonl(str(tmp_path / "odd.jsonl"), texts + EDGE_CASES + setup["docs"])
+    common = dict(tokenizer_args={"tokenizer_type": kind, "tokenizer_model": model})
+    common.update(append_eod=True, workers=2)
+    preprocess([src], str(tmp_path / "auto"), **common)
+    assert "fast path: gigatoken, exact on the" in capsys.readouterr().err
+    preprocess([src], str(tmp_path / "ref"), fast_tokenizer="exact", **common)
+    assert _bytes(tmp_path / "auto") == _bytes(tmp_path / "ref")

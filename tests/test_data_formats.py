@@ -137,11 +137,14 @@ def test_partitions_follow_megatron_order(corpus, tmp_path):
     out = str(tmp_path / "rr")
     assert main(common + ["--output-prefix", out, "--partitions", "3"]) == 0
     tok = build_tokenizer(**dict(zip(["tokenizer_type", "tokenizer_model"], corpus["flags"][1::2])))
-    # an empty document is left out but still takes its turn
+    # an empty document has no sequence but still takes its turn (and keeps its index entry)
     full = [tok.tokenize(d) + [tok.eod] if tok.tokenize(d) else None for d in corpus["docs"]]
     assert None in full
     want = [full[i] for p in range(3) for i in range(p, len(full), 3) if full[i] is not None]
-    assert [s.tolist() for s in IndexedDataset(out + "_text_document")] == want
+    ds = IndexedDataset(out + "_text_document")
+    assert [s.tolist() for s in ds] == want
+    order = [full[i] for p in range(3) for i in range(p, len(full), 3)]
+    assert np.diff(ds.document_indices).tolist() == [int(f is not None) for f in order]
     assert not [n for n in os.listdir(tmp_path) if "partition" in n]  # temporaries removed
 
 
@@ -152,11 +155,6 @@ def test_log_interval_and_refused_flags(corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     # one line per block that crosses a multiple of the interval (here one 1 MB block)
     assert f"Processed {len(corpus['docs'])} documents (" in err
-    with pytest.raises(SystemExit):
-        main(argv + ["--split-sentences"])
-    assert (
-        "--split-sentences is not supported: Megatron splits with NLTK" in capsys.readouterr().err
-    )
     with pytest.raises(SystemExit):
         main(argv + ["--partitions", "0"])
     assert np.dtype(IndexedDataset(out + "_text_document").dtype) == np.uint16

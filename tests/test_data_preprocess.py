@@ -125,7 +125,7 @@ def test_fast_path_matches_plain_encode(files, tmp_path, kind):
     tok = _tokenizer(files[kind])
     want = [tok.tokenize(t) + [tok.eod] for t in texts if tok.tokenize(t)]
     got = [s.tolist() for s in IndexedDataset(str(tmp_path / "fast_text_document"))]
-    assert got == want  # empty documents are left out, as Megatron does
+    assert got == want  # a document without tokens has no sequence, as in Megatron
 
 
 @pytest.mark.parametrize(

@@ -195,7 +195,7 @@ def test_huggingface_template_tokens_frame_each_document(files):
 )
 def test_preprocess_writes_the_reference_tokens(files, tmp_path, kind):
     """preprocess (2 workers, every fast path allowed) == tokenize(doc) + [eod] per document,
-    documents with no tokens left out (Llama2: [bos] alone is a document, as in Megatron)."""
+    a document without tokens has no sequence (Llama2: [bos] alone is one, as in Megatron)."""
     flags = {
         "SentencePieceTokenizer": ["--tokenizer-model", files["sp"]],
         "Llama2Tokenizer": ["--tokenizer-model", files["sp"]],

@@ -9,8 +9,10 @@ path and says why. Documents holding the text of a tokenizer's special tokens or
 (``exact_only_pattern``) never go through gigatoken.
 
 Which tokenizers are tried: HuggingFaceTokenizer and GPT2BPETokenizer (byte-level BPE), and the
-SentencePiece types with byte fallback (gigatoken's SentencePiece path reads ``<s>`` in text
-as the control token where sentencepiece does not: such documents are kept from it).
+SentencePiece BPE types (gigatoken's SentencePiece path reads ``<s>`` in text as the control
+token where sentencepiece does not: such documents are kept from it). A BPE model without byte
+fallback is handed to gigatoken with byte pieces added (``_with_byte_pieces``), which are turned
+back into ``<unk>`` as sentencepiece gives it.
 TikTokenizer and NullTokenizer stay on their own encoders.
 """
 
@@ -70,34 +72,103 @@ def exact_only_pattern(tokenizer: Tokenizer) -> Optional[re.Pattern]:
     return re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True))))
 
 
-def _gigatoken_for(tokenizer: Tokenizer):
-    """A gigatoken tokenizer for ``tokenizer``, or (None, reason)."""
+def _with_byte_pieces(model_file: str) -> Optional[bytes]:
+    """A SentencePiece BPE model without byte fallback, rewritten with byte fallback on and the
+    256 byte pieces appended after its own ids (which stay as they are); None for other models.
+
+    gigatoken loads only byte-fallback BPE. On text whose characters are all in the vocabulary
+    the two models are the same BPE (unknown characters belong to no piece, so they never take
+    part in a merge); a character outside it comes out as byte pieces, ids at or past the
+    original vocabulary size, where sentencepiece gives one ``<unk>`` per run of unknown
+    characters: ``gigatoken_encoder`` rewrites them so. The self-check verifies the whole on
+    the input (on the benchmark corpus 18% of the documents hold such characters)."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    model = model_pb2.ModelProto()
+    with open(model_file, "rb") as f:
+        model.ParseFromString(f.read())
+    if (
+        model.trainer_spec.model_type != model_pb2.TrainerSpec.BPE
+        or model.trainer_spec.byte_fallback
+    ):
+        return None
+    if any(p.type == model_pb2.ModelProto.SentencePiece.BYTE for p in model.pieces):
+        return None
+    model.trainer_spec.byte_fallback = True
+    for b in range(256):
+        model.pieces.add(
+            piece=f"<0x{b:02X}>", score=0.0, type=model_pb2.ModelProto.SentencePiece.BYTE
+        )
+    return model.SerializeToString()
+
+
+def gigatoken_encoder_for(tokenizer: Tokenizer) -> tuple[Optional[Encoder], str]:
+    """The gigatoken encoder for ``tokenizer`` (not yet checked), or (None, why not)."""
     try:
         import gigatoken
     except ImportError:
         return None, "gigatoken is not installed"
     try:
         if isinstance(tokenizer, HuggingFaceTokenizer):
-            return gigatoken.Tokenizer.from_json(tokenizer.tok.to_str()), ""
+            return gigatoken_encoder(gigatoken.Tokenizer.from_json(tokenizer.tok.to_str())), ""
         if isinstance(tokenizer, GPTSentencePieceTokenizer):
-            return gigatoken.Tokenizer.from_sentencepiece(tokenizer.model_file), ""
+            rewritten = _with_byte_pieces(tokenizer.model_file)
+            if rewritten is None:
+                gt = gigatoken.Tokenizer.from_sentencepiece(tokenizer.model_file)
+                return gigatoken_encoder(gt), ""
+            gt = gigatoken.Tokenizer.from_sentencepiece(rewritten)
+            unknown = (tokenizer.sp.get_piece_size(), tokenizer.sp.unk_id())
+            return gigatoken_encoder(gt, unknown), ""
     except Exception as e:  # gigatoken refuses configurations it does not support
         return None, f"gigatoken cannot load it ({type(e).__name__}: {e})"
     return None, f"gigatoken has no path for {type(tokenizer).__name__}"
 
 
-def gigatoken_encoder(gt_tokenizer) -> Encoder:
-    """texts -> (flat int64 tokens, int64 lengths), on the calling thread."""
-    import awkward as ak
+def gigatoken_encoder(gt_tokenizer, unknown: Optional[tuple[int, int]] = None) -> Encoder:
+    """texts -> (flat tokens, int64 lengths), on the calling thread (gigatoken releases the
+    GIL while it encodes, so several threads encode at once). ``unknown``: (vocabulary size,
+    unk id) of a model given byte pieces by ``_with_byte_pieces``: each run of byte pieces
+    becomes one unk, as sentencepiece turns a run of unknown characters into one ``<unk>``."""
 
     def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if not texts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        out = gt_tokenizer.encode_batch(texts, parallel=False)
-        flat = ak.to_numpy(ak.flatten(out, axis=1)).astype(np.int64)
-        return flat, ak.to_numpy(ak.num(out, axis=1)).astype(np.int64)
+        tokens, lengths = awkward_ragged(gt_tokenizer.encode_batch(texts, parallel=False))
+        if unknown is not None:
+            tokens, lengths = _bytes_to_unk(tokens, lengths, *unknown)
+        return tokens, lengths
 
     return encode
+
+
+def _bytes_to_unk(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int, unk: int):
+    """Every maximal run of ids >= vocab_size inside a document -> one ``unk``."""
+    is_byte = tokens >= vocab_size
+    if not is_byte.any():
+        return tokens, lengths
+    first = np.zeros(len(tokens), dtype=bool)  # a document's first token starts a run
+    first[(np.cumsum(lengths) - lengths)[lengths > 0]] = True
+    follows = np.concatenate([[False], is_byte[:-1]]) & ~first
+    drop = is_byte & follows
+    out = np.where(is_byte, unk, tokens).astype(tokens.dtype)[~drop]
+    owner = np.searchsorted(np.cumsum(lengths), np.flatnonzero(drop), side="right")
+    return out, lengths - np.bincount(owner, minlength=len(lengths))
+
+
+def awkward_ragged(out) -> tuple[np.ndarray, np.ndarray]:
+    """gigatoken's awkward [docs, var] token array -> (flat tokens, int64 lengths), read
+    straight from its offsets and flat buffer (no per-document work)."""
+    import awkward as ak
+
+    layout = out.layout
+    if isinstance(layout, ak.contents.ListOffsetArray) and isinstance(
+        layout.content, ak.contents.NumpyArray
+    ):
+        offsets = np.asarray(layout.offsets)
+        flat = np.asarray(layout.content.data)[offsets[0] : offsets[-1]]
+        return flat, np.diff(offsets).astype(np.int64)  # uint32 tokens, as gigatoken gives
+    flat = ak.to_numpy(ak.flatten(out, axis=1))
+    return flat, ak.to_numpy(ak.num(out, axis=1)).astype(np.int64)
 
 
 def first_difference(tokenizer: Tokenizer, encoder: Encoder, texts: list[str]) -> Optional[str]:
@@ -130,11 +201,10 @@ def choose_fast_encoder(
     included): a 16k byte-fallback SentencePiece BPE 0.67 through gigatoken against 1.2 through
     megalite's chunk memo; byte-level BPE is further apart (see README.md, "Data pipeline")."""
     if build is None:
-        gt, reason = _gigatoken_for(tokenizer)
-        if gt is None:
+        encoder, reason = gigatoken_encoder_for(tokenizer)
+        if encoder is None:
             log(f"fast path: {reason}; using megalite's exact encoder")
             return None
-        encoder = gigatoken_encoder(gt)
     else:
         encoder = build(tokenizer)
     sizes = np.cumsum([len(t) for t in sample[:SAMPLE_DOCS]])

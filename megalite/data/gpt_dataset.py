@@ -9,8 +9,10 @@ cut from one window of ``seq_length + 1`` consecutive tokens ``w``: ``tokens = w
 preprocessed with ``--append-eod``); consecutive windows share one token, as in Megatron.
 
 How samples are laid out (all numpy, no per-token Python):
-- the split (``--split 949,50,1``) picks a contiguous range of documents;
-- ``document_index``: the split's documents, one independently shuffled permutation per epoch,
+- the split (``--split 949,50,1``) picks a contiguous range of sequences (as Megatron's
+  GPTDataset, which splits by sequence: a document is one sequence unless sentence-split, and a
+  document without tokens, which has none, takes no part);
+- ``document_index``: the split's sequences, one independently shuffled permutation per epoch,
   for as many epochs as ``num_samples`` needs;
 - ``sample_index`` [n + 1, 2]: (position in document_index, token offset) where sample k
   starts: token k * seq_length of the concatenated epochs (one ``searchsorted``);
@@ -53,12 +55,12 @@ def parse_split(split: str) -> list[float]:
     return [p / sum(parts) for p in parts]
 
 
-def split_boundaries(split: str, num_documents: int) -> list[int]:
-    """Document boundaries [0, a, b, num_documents] of train/valid/test, rounded as Megatron."""
+def split_boundaries(split: str, num_sequences: int) -> list[int]:
+    """Sequence boundaries [0, a, b, num_sequences] of train/valid/test, rounded as Megatron."""
     bounds = [0]
     for share in parse_split(split):
-        bounds.append(bounds[-1] + int(round(share * float(num_documents))))
-    diff = bounds[-1] - num_documents
+        bounds.append(bounds[-1] + int(round(share * float(num_sequences))))
+    diff = bounds[-1] - num_sequences
     return [bounds[0]] + [b - diff for b in bounds[1:]]
 
 
@@ -92,14 +94,14 @@ def _num_epochs(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int
 
 
 class GPTDataset(torch.utils.data.Dataset):
-    """``num_samples`` windows of ``seq_length + 1`` tokens over documents [first, last) of one
+    """``num_samples`` windows of ``seq_length + 1`` tokens over sequences [first, last) of one
     indexed dataset (item format in the module docstring)."""
 
     def __init__(
         self,
         indexed: IndexedDataset,
         name: str,
-        documents: tuple[int, int],
+        sequences: tuple[int, int],
         seq_length: int,
         num_samples: int,
         seed: int,
@@ -111,9 +113,9 @@ class GPTDataset(torch.utils.data.Dataset):
             raise ValueError(f"seq_length {seq_length} and num_samples {num_samples} must be >= 1")
         self.indexed, self.name, self.seq_length = indexed, name, seq_length
         self.num_samples = num_samples
-        doc_idx = indexed.document_indices
-        first_seq, last_seq = int(doc_idx[documents[0]]), int(doc_idx[documents[1]])
-        # Sampling works on sequences; a document is one sequence unless sentence-split.
+        first_seq, last_seq = int(sequences[0]), int(sequences[1])
+        if not 0 <= first_seq <= last_seq <= len(indexed):
+            raise ValueError(f"sequences {sequences} of a dataset of {len(indexed)}")
         self.sequences = np.arange(first_seq, last_seq, dtype=np.int64)
         sizes = indexed.sequence_lengths
         description = {
@@ -219,14 +221,15 @@ def build_train_valid_test_datasets(
     indexed = [IndexedDataset(p) for p in prefixes]
     if weights is None:
         tokens = [float(ds.sequence_lengths.sum(dtype=np.int64)) for ds in indexed]
-        weights = [t / sum(tokens) for t in tokens]
+        total = sum(tokens)
+        weights = [t / total if total else 1 / len(tokens) for t in tokens]
     common = dict(cache_path=cache_path, is_builder=is_builder, barrier=barrier)
     out = []
     for s, name in enumerate(SPLIT_NAMES):
         n = int(num_samples[s])
         parts = []
         for ds in indexed:
-            bounds = split_boundaries(split, ds.num_documents)
+            bounds = split_boundaries(split, len(ds))
             parts.append((bounds[s], bounds[s + 1]))
         if n <= 0 or all(a == b for a, b in parts):
             out.append(None)
@@ -239,8 +242,8 @@ def build_train_valid_test_datasets(
         w = [x / sum(w) for x in w]
         counts = blend_counts(w, n)
         datasets = [
-            GPTDataset(ds, name, docs, seq_length, int(c), seed, **common) if c > 0 else None
-            for ds, docs, c in zip(indexed, parts, counts)
+            GPTDataset(ds, name, seqs, seq_length, int(c), seed, **common) if c > 0 else None
+            for ds, seqs, c in zip(indexed, parts, counts)
         ]
         out.append(BlendedDataset(datasets, w, n, f"blend {name}", **common))
     return tuple(out)

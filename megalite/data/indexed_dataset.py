@@ -155,6 +155,24 @@ class IndexedDatasetWriter:
         self._docs.extend(np.arange(first + 1, first + 1 + len(lengths), dtype=np.int64))
         self.num_tokens += len(tokens)
 
+    def add_sequences(self, tokens: np.ndarray, lengths: np.ndarray, per_doc: np.ndarray) -> None:
+        """Append len(per_doc) documents, document i made of the next ``per_doc[i]`` sequences
+        of ``lengths``; a document of 0 sequences is an index entry with none (Megatron writes
+        an empty document so). tokens: [sum(lengths)] flat."""
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        per_doc = np.asarray(per_doc, dtype=np.int64)
+        if int(lengths.sum()) != len(tokens) or int(per_doc.sum()) != len(lengths):
+            raise ValueError(
+                f"{len(tokens)} tokens, {len(lengths)} sequences summing to {int(lengths.sum())}"
+                f" and {int(per_doc.sum())} sequences counted by documents do not agree"
+            )
+        tokens.tofile(self._bin)
+        first = len(self._lengths)
+        self._lengths.extend(lengths)
+        self._docs.extend(first + np.cumsum(per_doc))
+        self.num_tokens += len(tokens)
+
     def add_document(self, tokens: np.ndarray, lengths: list[int] | None = None) -> None:
         """Append one document made of sequences of ``lengths`` (default: one sequence)."""
         tokens = np.ascontiguousarray(tokens, dtype=self.dtype)

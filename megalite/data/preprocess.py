@@ -4,16 +4,21 @@
         --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model --append-eod \\
         --workers 2
 
-writes ``out/corpus_text_document.bin/.idx``, one sequence (and document) per input line.
+writes ``out/corpus_text_document.bin/.idx``, one sequence (and document) per input line;
+with ``--split-sentences`` ``out/corpus_text_sentence.bin/.idx``, one document per line made of
+one sequence per sentence (sentences.py: NLTK's Punkt, untrained; see there how it differs).
 Inputs (readers.py): ``.jsonl`` / ``.json``, ``.gz`` and ``.zst`` of those, ``.parquet`` (the
 ``--json-keys`` columns), folders of such shards and globs, in sorted order.
 
-Streaming: the main process reads the inputs in blocks (1 MB of whole lines, or 1024 parquet
-rows), at most ``2 * workers`` blocks are in flight, and each worker returns flat numpy token
-arrays that the main process appends to the .bin: memory stays flat whatever the corpus size.
+Streaming: the main process reads the inputs in blocks (1 MB of whole lines, 4 MB on the
+gigatoken path, or 1024 parquet rows), at most ``2 * workers`` blocks are in flight, and each
+worker (a process; a thread of this process on the gigatoken path, see ``_Threads``) returns
+flat numpy token arrays that the main process appends to the .bin: memory stays flat whatever
+the corpus size.
 Outputs are written under temporary names and renamed only when everything succeeded. A bad
 line (malformed JSON, missing key, non-string value, parquet null) stops the run with
-``file:line`` unless ``--skip-bad-lines``. A document with no tokens (empty text) is left out.
+``file:line`` unless ``--skip-bad-lines``. A document with no tokens (empty text) stays in the
+index as a document of no sequences, as Megatron's ``preprocess_data.py`` writes it.
 Encoding goes through gigatoken when its start-up self-check shows it exact (fastpath.py).
 """
 
@@ -25,6 +30,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -32,11 +38,16 @@ import numpy as np
 
 from megalite.data.chunking import gather_segments
 from megalite.data.encode import BlockEncoder, BlockResult, parse_jsonl
-from megalite.data.fastpath import SAMPLE_DOCS, choose_fast_encoder, gigatoken_encoder
+from megalite.data.fastpath import SAMPLE_DOCS, choose_fast_encoder, gigatoken_encoder_for
 from megalite.data.indexed_dataset import IndexedDatasetWriter, best_dtype
 from megalite.data.merge import merge_datasets
 from megalite.data.readers import InputError, expand_inputs, known_size, read_blocks
+from megalite.data.sentences import build_splitter
 from megalite.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
+
+# Blocks of JSON lines on the gigatoken path: larger than the process pool's (nothing is copied
+# between processes), so the per-block spot check re-encodes a smaller share of the text.
+FAST_BLOCK_BYTES = 4 << 20
 
 
 class PreprocessError(InputError):
@@ -49,6 +60,7 @@ class PreprocessStats:
     tokens: int = 0
     nbytes: int = 0
     seconds: float = 0.0
+    startup: float = 0.0  # of seconds: tokenizer loading, the self-check, starting the pool
     bad_lines: int = 0
     empty_docs: int = 0
     outputs: list[str] = field(default_factory=list)
@@ -57,35 +69,83 @@ class PreprocessStats:
         sec = max(self.seconds, 1e-9)
         return (
             f"preprocess: {self.docs} docs, {self.tokens} tokens, {self.nbytes / 1e6:.1f} MB "
-            f"in {self.seconds:.1f} s: {self.tokens / sec:,.0f} tokens/s, "
+            f"in {self.seconds:.2f} s (start-up {self.startup:.2f} s): "
+            f"{self.tokens / sec:,.0f} tokens/s, "
             f"{self.nbytes / 1e6 / sec:.1f} MB/s ({self.bad_lines} bad lines skipped, "
-            f"{self.empty_docs} empty docs left out)"
+            f"{self.empty_docs} documents without tokens)"
         )
 
 
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_args: dict, json_keys, append_eod, dtype, fast, fast_build) -> None:
+def _init_worker(
+    tokenizer_args: dict, json_keys, append_eod, dtype, fast, fast_build, sentences
+) -> None:
     # One single-threaded tokenizer per process: Rust-side thread pools would only fight the
     # other workers for the same cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = build_tokenizer(**tokenizer_args)
     encoder = None
     if fast_build == "gigatoken":
-        from megalite.data.fastpath import _gigatoken_for
-
-        encoder = gigatoken_encoder(_gigatoken_for(tokenizer)[0])
+        encoder = gigatoken_encoder_for(tokenizer)[0]
     elif fast_build is not None:
         encoder = fast_build(tokenizer)
     _WORKER["encoder"] = BlockEncoder(
-        tokenizer, json_keys, append_eod, dtype, fast, fast_encoder=encoder
+        tokenizer,
+        json_keys,
+        append_eod,
+        dtype,
+        fast,
+        fast_encoder=encoder,
+        sentence_splitter=None if sentences is None else build_splitter(*sentences),
     )
 
 
 def _encode(task: tuple) -> tuple[str, BlockResult]:
     path, first_line, blob = task
     return path, _WORKER["encoder"].encode_block(first_line, blob)
+
+
+class _Pending:
+    """A future with ``AsyncResult``'s ``get``. (Not ``future.get = future.result``: that
+    reference cycle kept every block's tokens alive until the cyclic GC ran, +70 MB of peak
+    RSS over 4x the corpus.)"""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future):
+        self.future = future
+
+    def get(self):
+        return self.future.result()
+
+
+class _Threads:
+    """The gigatoken path's pool: ``workers`` threads of this process sharing one BlockEncoder.
+
+    gigatoken encodes with the GIL released, so the threads encode in parallel, while JSON
+    parsing and the numpy work interleave under the GIL; unlike a process pool there is no
+    worker start-up and no pickling of blocks and token arrays between processes. Offers the
+    ``multiprocessing.Pool`` calls that ``preprocess`` makes."""
+
+    def __init__(self, workers: int, encoder: BlockEncoder):
+        self.encoder = encoder
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="megalite-encode")
+
+    def apply_async(self, fn, args: tuple):
+        task = args[0]
+        future = self.executor.submit(lambda: (task[0], self.encoder.encode_block(*task[1:])))
+        return _Pending(future)
+
+    def terminate(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        pass
+
+    def join(self) -> None:
+        self.executor.shutdown(wait=True)
 
 
 def read_sample(paths: list[str], json_keys: list[str], docs: int = SAMPLE_DOCS) -> list[str]:
@@ -112,15 +172,17 @@ class _Partitions:
         self.writers = [IndexedDatasetWriter(n, dtype) for n in self.names]
         self.num_tokens = 0
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """``lengths``: one per document, 0 for a left-out empty one (it still takes a turn)."""
-        where = (self.seen + np.arange(len(lengths))) % self.count
+    def add_sequences(self, tokens: np.ndarray, lengths: np.ndarray, per_doc: np.ndarray) -> None:
+        """As ``IndexedDatasetWriter.add_sequences``; documents with no sequences take their
+        turn too (Megatron deals input lines, empty or not)."""
+        where = (self.seen + np.arange(len(per_doc))) % self.count
+        seq_where = np.repeat(where, per_doc)
         starts = np.cumsum(lengths) - lengths
         for p, writer in enumerate(self.writers):
-            mine = (where == p) & (lengths > 0)
+            mine = seq_where == p
             mine_tokens = gather_segments(tokens, starts[mine], lengths[mine])
-            writer.add_documents(mine_tokens, lengths[mine])
-        self.seen += len(lengths)
+            writer.add_sequences(mine_tokens, lengths[mine], per_doc[where == p])
+        self.seen += len(per_doc)
         self.num_tokens += len(tokens)
 
     def finalize(self) -> None:
@@ -152,9 +214,12 @@ def preprocess(
     partitions: int = 1,
     keep_sequential_samples: bool = False,
     log_interval: int = 0,
+    split_sentences: bool = False,
+    keep_newlines: bool = False,
     _fast_build: Optional[Callable] = None,
 ) -> PreprocessStats:
-    """Tokenize ``inputs`` into ``{output_prefix}_{key}_document.{bin,idx}`` per key.
+    """Tokenize ``inputs`` into ``{output_prefix}_{key}_document.{bin,idx}`` per key
+    (``..._sentence...`` with ``split_sentences``).
 
     ``tokenizer_args``: keyword arguments of ``build_tokenizer``. ``fast=False`` uses the
     tokenizer's plain batched encode instead of chunk memoisation (same tokens, slower).
@@ -162,6 +227,8 @@ def preprocess(
     ``partitions`` > 1 without ``keep_sequential_samples``: Megatron's round-robin order (see
     ``_Partitions``); with it, input order (as Megatron's sequential partitions give).
     ``log_interval``: a Megatron-style progress line every that many documents (0: none).
+    ``split_sentences``: each document a sequence per sentence (sentences.py); with
+    ``keep_newlines`` the whitespace after a sentence stays in it.
     ``progress``: a tqdm bar (None: only on a terminal). Raises ``PreprocessError`` for bad
     input, after removing every temporary file. ``_fast_build``: tests' stand-in fast path.
     """
@@ -175,7 +242,11 @@ def preprocess(
         tokenizer.eod  # noqa: B018  (raises when the vocabulary has no eod token)
     dtype = best_dtype(tokenizer.vocab_size)
     stats = PreprocessStats()
-    prefixes = {k: f"{output_prefix}_{k}_document" for k in json_keys}
+    level = "sentence" if split_sentences else "document"  # Megatron's file names
+    prefixes = {k: f"{output_prefix}_{k}_{level}" for k in json_keys}
+    sentences = (keep_newlines,) if split_sentences else None
+    if sentences is not None:
+        build_splitter(*sentences)  # fail early when nltk is missing
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(out_dir):
         raise PreprocessError(f"--output-prefix {output_prefix}: no directory {out_dir}")
@@ -197,8 +268,24 @@ def preprocess(
         disable=(None if progress is None else not progress),
         file=log,
     )
-    init = (tokenizer_args, json_keys, append_eod, dtype, fast, fast_build)
-    pool = mp.Pool(workers, initializer=_init_worker, initargs=init)
+    init = (tokenizer_args, json_keys, append_eod, dtype, fast, fast_build, sentences)
+    block_bytes = None
+    if fast_build == "gigatoken":
+        block_bytes = FAST_BLOCK_BYTES
+        splitter = None if sentences is None else build_splitter(*sentences)
+        shared = BlockEncoder(
+            tokenizer,
+            json_keys,
+            append_eod,
+            dtype,
+            fast,
+            fast_encoder=encoder,
+            sentence_splitter=splitter,
+        )
+        pool = _Threads(workers, shared)
+    else:
+        pool = mp.Pool(workers, initializer=_init_worker, initargs=init)
+    stats.startup = time.perf_counter() - start
     writers: dict = {}
     try:
         if partitions > 1 and not keep_sequential_samples:
@@ -221,12 +308,9 @@ def preprocess(
                 if stats.bad_lines <= 5:  # show the first few, count the rest
                     say(f"skipped {path}:{line}: {reason}")
             for k, writer in writers.items():
-                lengths = res.lengths[k]
-                stats.empty_docs += int((lengths == 0).sum())
-                if isinstance(writer, _Partitions):
-                    writer.add(res.tokens[k], lengths)
-                else:
-                    writer.add_documents(res.tokens[k], lengths[lengths > 0])
+                lengths, per_doc = res.sequences(k)
+                stats.empty_docs += int((per_doc == 0).sum())
+                writer.add_sequences(res.tokens[k], lengths, per_doc)
             stats.docs += int(res.docs)
             stats.nbytes += res.nbytes
             bar.update(res.nbytes)
@@ -239,7 +323,7 @@ def preprocess(
                     f"{stats.nbytes / elapsed / 2**20:.2f} MB/s)."
                 )
 
-        for task in read_blocks(paths, json_keys):
+        for task in read_blocks(paths, json_keys, block_bytes=block_bytes):
             inflight.append(pool.apply_async(_encode, (task,)))
             if len(inflight) >= 2 * workers:
                 drain_one()
@@ -278,12 +362,12 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument(
         "--split-sentences",
         action="store_true",
-        help="refused: Megatron splits with NLTK punkt, a model megalite does not download",
+        help="a sequence per sentence (NLTK Punkt untrained, not Megatron's english model)",
     )
     g.add_argument(
         "--keep-newlines",
         action="store_true",
-        help="only acts with --split-sentences (as in Megatron); accepted, changes nothing",
+        help="with --split-sentences: whitespace after a sentence stays in it (as Megatron)",
     )
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
@@ -307,7 +391,9 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/idx")
     g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1, help="worker processes")
+    g.add_argument(
+        "--workers", type=int, default=1, help="worker processes (threads on the gigatoken path)"
+    )
     g.add_argument(
         "--partitions",
         type=int,
@@ -334,12 +420,6 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"--partitions must be at least 1 (got {args.partitions})")
     if args.log_interval < 0:
         p.error(f"--log-interval must be 0 (off) or more (got {args.log_interval})")
-    if args.split_sentences:
-        p.error(
-            "--split-sentences is not supported: Megatron splits with NLTK's punkt model, which "
-            "must be downloaded (nothing is fetched here), and its sentence boundaries would "
-            "have to match NLTK's exactly; preprocess whole documents instead"
-        )
     return args
 
 
@@ -376,8 +456,10 @@ def run(args: argparse.Namespace) -> int:
             partitions=args.partitions,
             keep_sequential_samples=args.keep_sequential_samples,
             log_interval=args.log_interval,
+            split_sentences=args.split_sentences,
+            keep_newlines=args.keep_newlines,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(stats.summary(), file=sys.stderr)

@@ -96,7 +96,8 @@ def run_task(argv: list[str]) -> int:
     rc = run(args)
     if rc == 0:
         with open(done + ".tmp", "w") as f:
-            json.dump({"shards": shards, "json_keys": args.json_keys}, f)
+            level = "sentence" if args.split_sentences else "document"
+            json.dump({"shards": shards, "json_keys": args.json_keys, "level": level}, f)
         os.replace(done + ".tmp", done)
     return rc
 
@@ -119,10 +120,11 @@ def run_merge(argv: list[str]) -> int:
         )
         return 1
     with open(task_prefix(args.work_dir, 0) + ".done") as f:
-        keys = json.load(f)["json_keys"]
-    for key in keys:
-        parts = [f"{task_prefix(args.work_dir, i)}_{key}_document" for i in range(count)]
-        out = f"{args.output_prefix}_{key}_document"
+        done = json.load(f)
+    level = done.get("level", "document")  # _sentence with --split-sentences
+    for key in done["json_keys"]:
+        parts = [f"{task_prefix(args.work_dir, i)}_{key}_{level}" for i in range(count)]
+        out = f"{args.output_prefix}_{key}_{level}"
         merged = merge_datasets(parts, out)
         print(f"merged {count} task datasets: {len(merged)} documents -> {out}", file=sys.stderr)
         merged.close()
