@@ -1,7 +1,8 @@
 """Check `megalite-plan` against measurement: predicted vs measured peak bytes on every rank.
 
 Trains each layout of a matrix (TP/PP/DP up to 8 gloo ranks, ZeRO 0/1/2, recompute none /
-selective / full, micro-batch counts, 1F1B and interleaved, SP, SwiGLU/RoPE/GQA/RMSNorm, bf16)
+selective / full, micro-batch counts, 1F1B and interleaved, SP, SwiGLU/RoPE/GQA/RMSNorm, bf16,
+context parallelism (ring and all-to-all), MoE with EP / ETP and both token dispatchers)
 for two steps with megalite's real model, DDP, optimizer and schedules in spawned processes
 (`tests/harness.py`), records each rank's peak allocated tensor bytes with the exact
 allocation-level tracker (`megalite.planner.measure.AllocationTracker`), and prints, per rank,
@@ -64,6 +65,31 @@ MATRIX = [
     (8, S(tp=2, pp=4, num_microbatches=8, num_layers=8, vp_layers=1, zero_stage=2)),
     (8, S(pp=8, num_layers=8, num_microbatches=8)),
     (8, S(tp=8, sequence_parallel=True, num_attention_heads=8, recompute="full")),
+    # context parallelism: ring (p2p) and all-to-all (a2a) attention
+    (2, S(cp=2, num_microbatches=2)),
+    (4, S(cp=4, seq_length=128)),
+    (4, S(tp=2, cp=2, sequence_parallel=True, cp_comm_type="a2a")),
+    (4, S(pp=2, cp=2, num_microbatches=4, rope=True, num_query_groups=2, zero_stage=1)),
+    # mixture of experts: EP, ETP, both dispatchers, shared experts, MoE every other layer
+    (2, S(num_experts=4, ep=2, num_microbatches=2)),
+    (4, S(num_experts=4, ep=4, zero_stage=1, seq_length=128)),
+    (4, S(tp=2, sequence_parallel=True, num_experts=4, ep=2, etp=2)),
+    (4, S(tp=2, num_experts=4, ep=4, etp=1, swiglu=True, shared_expert_size=64)),
+    (4, S(pp=2, num_experts=4, ep=2, num_microbatches=4, moe_layer_freq=2, dispatcher="allgather")),
+    (
+        8,
+        S(
+            tp=2,
+            cp=2,
+            sequence_parallel=True,
+            num_experts=4,
+            ep=2,
+            zero_stage=2,
+            swiglu=True,
+            bf16=True,
+            num_microbatches=2,
+        ),
+    ),
 ]
 # Step-time ranking: 2-rank layouts (one rank per core of the 2-core test machine) of one model
 # family, differing in the split (DP / TP / PP / interleaved) and in the work per rank.
@@ -87,17 +113,18 @@ def _layout(spec: MeasureSpec, world: int):
 
     config = spec.model_config()
     return Layout(
-        tp=spec.tp, pp=spec.pp, dp=world // (spec.tp * spec.pp), vp=config.virtual_pipeline_size,
-        sequence_parallel=config.sequence_parallel, micro_batch_size=spec.micro_batch_size,
-        num_microbatches=spec.num_microbatches, zero_stage=spec.zero_stage,
-        recompute=spec.recompute,
+        tp=spec.tp, pp=spec.pp, dp=world // (spec.tp * spec.pp * spec.cp),
+        vp=config.virtual_pipeline_size, sequence_parallel=config.sequence_parallel,
+        micro_batch_size=spec.micro_batch_size, num_microbatches=spec.num_microbatches,
+        zero_stage=spec.zero_stage, recompute=spec.recompute, cp=spec.cp,
+        cp_comm_type=spec.cp_comm_type, ep=spec.ep, etp=spec.etp,
     )  # fmt: skip
 
 
 def predict(spec: MeasureSpec, world: int) -> list[int]:
     """The planner's peak bytes per pipeline stage for `spec` on `world` CPU ranks."""
     from megalite.planner import Runtime, plan_memory
-    from megalite.planner.layout import DEFAULT_BUCKET_SIZE
+    from megalite.planner.layout import DEFAULT_BUCKET_SIZE, apply_moe
 
     config = spec.model_config()
     layout = _layout(spec, world)
@@ -106,7 +133,8 @@ def predict(spec: MeasureSpec, world: int) -> list[int]:
         device_kind="cpu",
         bucket_size=spec.bucket_size or DEFAULT_BUCKET_SIZE,
     )
-    return [r.peak_bytes for r in plan_memory(config, layout, runtime)]
+    moe = apply_moe(spec.moe_config(), layout)
+    return [r.peak_bytes for r in plan_memory(config, layout, runtime, moe=moe)]
 
 
 def compare(matrix, only: str = "") -> list[dict]:

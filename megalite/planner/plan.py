@@ -14,7 +14,7 @@ from typing import Optional
 
 from megalite.model.config import GPTConfig
 from megalite.planner.devices import Device
-from megalite.planner.layout import Layout, Runtime, apply_layout
+from megalite.planner.layout import Layout, Runtime, apply_layout, apply_moe
 from megalite.planner.memory import RankMemory, plan_memory
 from megalite.planner.steptime import StepTime, estimate_step_time
 
@@ -62,13 +62,15 @@ def plan_for(
     gpus_per_node: int = 8,
     memory_bytes: Optional[int] = None,
     stages: Optional[list[int]] = None,
+    moe=None,
 ) -> Plan:
-    """The plan of `layout` for the (unsplit) model `config`; raises ValueError naming the
-    numbers when the layout cannot split this model."""
+    """The plan of `layout` for the (unsplit) model `config` (and its MoE settings `moe`, or
+    None); raises ValueError naming the numbers when the layout cannot split this model."""
     split = apply_layout(config, layout, runtime)
+    moe_split = apply_moe(moe, layout)
     memory = int(device.memory_gib * GIB) if memory_bytes is None else memory_bytes
-    ranks = plan_memory(split, layout, runtime, stages)
-    step = estimate_step_time(split, layout, runtime, device, gpus_per_node)
+    ranks = plan_memory(split, layout, runtime, stages, moe_split)
+    step = estimate_step_time(split, layout, runtime, device, gpus_per_node, moe_split)
     return Plan(layout, ranks, step, memory)
 
 
