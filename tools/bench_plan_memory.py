@@ -92,7 +92,7 @@ MATRIX = [
     ),
 ]
 # Step-time ranking: 2-rank layouts (one rank per core of the 2-core test machine) of one model
-# family, differing in the split (DP / TP / PP / interleaved) and in the work per rank.
+# family, differing in the split (DP / TP / PP / interleaved / CP / EP) and in the work per rank.
 _T = dict(hidden_size=128, num_microbatches=4, timed_steps=6)
 TIMED = [
     S(**_T),
@@ -105,6 +105,9 @@ TIMED = [
     S(pp=2, **_T),
     S(pp=2, **(_T | {"num_microbatches": 8})),
     S(pp=2, vp_layers=1, **(_T | {"num_microbatches": 8})),
+    S(cp=2, **_T),
+    S(cp=2, cp_comm_type="a2a", **_T),
+    S(num_experts=4, ep=2, **_T),
 ]
 
 
@@ -205,6 +208,7 @@ def _links(bytes_: int = 1 << 22) -> tuple[float, float]:
 
 def timing(world: int = 2) -> tuple[list[dict], float]:
     from megalite.planner import Runtime, cpu_device, estimate_step_time
+    from megalite.planner.layout import apply_moe
     from megalite.planner.measure import measure_layout
     from tests.harness import run_distributed
 
@@ -218,7 +222,9 @@ def timing(world: int = 2) -> tuple[list[dict], float]:
         measured = max(r["step_time_s"] for r in run_distributed(world, measure_layout, spec))
         config = spec.model_config()
         layout = _layout(spec, world)
-        est = estimate_step_time(config, layout, Runtime(config.params_dtype, "cpu"), device, 1)
+        moe = apply_moe(spec.moe_config(), layout)
+        rt = Runtime(config.params_dtype, "cpu")
+        est = estimate_step_time(config, layout, rt, device, 1, moe)
         rows.append(dict(layout=f"{spec.name}-h{spec.hidden_size}",
                          estimated=est.step_time_s, measured=measured))  # fmt: skip
     rho = spearman([r["estimated"] for r in rows], [r["measured"] for r in rows])

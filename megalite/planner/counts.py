@@ -13,6 +13,7 @@ Construction cost is one layer of each kind per (model shape, TP, EP, ETP), cach
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import NamedTuple
 from unittest import mock
@@ -59,12 +60,52 @@ def _pieces(config: GPTConfig, moe=None) -> dict[str, tuple[Param, ...]]:
     return _CACHE[key]
 
 
+def _meta_cat(tensors, dim: int = 0, **_):
+    tensors = list(tensors)
+    shape = list(tensors[0].shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(shape, dtype=tensors[0].dtype, device="meta")
+
+
+def _meta_arange(start, end=None, step=1, **kwargs):
+    if end is None:
+        start, end = 0, start
+    return torch.empty(max(0, -(-(end - start) // step)), dtype=torch.int64, device="meta")
+
+
+def _meta_compare(self, other):
+    return torch.empty(self.shape, dtype=torch.bool, device="meta")
+
+
+def _meta_stack(tensors, dim: int = 0, **_):
+    tensors = list(tensors)
+    shape = list(tensors[0].shape)
+    shape.insert(dim, len(tensors))
+    return torch.empty(shape, dtype=tensors[0].dtype, device="meta")
+
+
+@contextlib.contextmanager
 def _no_init():
-    """Values are irrelevant on meta, and the first random fill of a meta tensor imports
-    torch._dynamo (seconds): the init functions are made no-ops while building."""
+    """Values are irrelevant on meta, and the first random fill, cat, stack, arange or >= of a
+    meta tensor imports torch._dynamo (seconds, for their Python meta kernels): while building,
+    the init functions are no-ops and those ops (and the RoPE cache) only make tensors of the
+    right shape."""
+    from megalite.model import gpt
     from megalite.model.transformer import ParamInit
 
-    return mock.patch.object(ParamInit, "normal", lambda self, *a, **k: lambda t: None)
+    def rope_buffers(config, device=None):  # buffers, not parameters: only their shape
+        shape = (config.max_position_embeddings, 1, 1, config.rotary_dim)
+        return torch.empty(shape, device="meta"), torch.empty(shape, device="meta")
+
+    with (
+        mock.patch.object(ParamInit, "normal", lambda self, *a, **k: lambda t: None),
+        mock.patch.object(gpt, "rope_cache", rope_buffers),
+        mock.patch.object(torch, "cat", _meta_cat),
+        mock.patch.object(torch, "stack", _meta_stack),
+        mock.patch.object(torch, "arange", _meta_arange),
+        mock.patch.object(torch.Tensor, "__ge__", _meta_compare),
+    ):
+        yield
 
 
 def _build_pieces(config: GPTConfig, moe=None) -> dict[str, tuple[Param, ...]]:
@@ -120,9 +161,31 @@ def is_moe(moe, layer: int, num_layers: int) -> bool:
     return moe is not None and moe.is_moe_layer(layer, num_layers)
 
 
+def config_key(config: GPTConfig) -> tuple:
+    """A hashable key of every field of `config` (the caches' key)."""
+    return tuple(getattr(config, f.name) for f in dataclasses.fields(config))
+
+
+_STAGES: dict[tuple, list[list[Param]]] = {}
+
+
 def stage_params(config: GPTConfig, pp_rank: int, moe=None) -> list[list[Param]]:
     """Parameters of each model chunk of pipeline stage `pp_rank`, in registration order
-    (`moe`: the MoE settings with this layout's EP / ETP, or None)."""
+    (`moe`: the MoE settings with this layout's EP / ETP, or None). Cached: do not modify."""
+    from megalite.planner.layout import moe_key
+
+    key = (config_key(config), pp_rank, moe_key(moe))
+    if key not in _STAGES:
+        _STAGES[key] = _stage_params(config, pp_rank, moe)
+    return _STAGES[key]
+
+
+def stage_numel(config: GPTConfig, pp_rank: int, moe=None, expert: bool = False) -> int:
+    """Dense (or, `expert`, expert) parameters of stage `pp_rank` on one rank."""
+    return sum(p.numel for c in stage_params(config, pp_rank, moe) for p in c if p.expert == expert)
+
+
+def _stage_params(config: GPTConfig, pp_rank: int, moe=None) -> list[list[Param]]:
     pieces = _pieces(_shape_key(config), moe)
     pp, v = config.pipeline_model_parallel_size, config.virtual_pipeline_size
     chunks = []

@@ -42,7 +42,7 @@ from functools import lru_cache
 
 from megalite.model.config import GPTConfig
 from megalite.model.flops import num_floating_point_operations
-from megalite.planner.counts import is_moe, stage_params
+from megalite.planner.counts import is_moe, stage_numel
 from megalite.planner.devices import Device
 from megalite.planner.layout import Layout, Runtime
 
@@ -227,9 +227,10 @@ def estimate_step_time(
         sp = tp if c.sequence_parallel else 1
         link = intra if tp * cp * dp * pp <= gpus_per_node else inter
         pp_comm = 2 * v * (tokens / sp * h * B / link + device.latency_s)
-    overhead = device.op_overhead_s * (
-        ops_per_layer(c) * (per_stage - n_moe) + (ops_per_layer(c, moe) * n_moe if n_moe else 0)
-    )
+    overhead = 0.0
+    if device.op_overhead_s:  # counted on a real layer run: only for devices that charge it
+        ops = ops_per_layer(c) * (per_stage - n_moe)
+        overhead = device.op_overhead_s * (ops + (ops_per_layer(c, moe) * n_moe if n_moe else 0))
 
     busy = m * (compute + tp_comm + cp_comm + ep_comm + pp_comm + overhead)
     bubble = bubble_fraction(pp, m, v)
@@ -240,10 +241,7 @@ def estimate_step_time(
     for expert, size in groups:
         if size == 1:
             continue
-        grads = max(
-            sum(p.numel for ch in stage_params(c, r, moe) for p in ch if p.expert == expert)
-            for r in {0, pp - 1}
-        )
+        grads = max(stage_numel(c, r, moe, expert) for r in {0, pp - 1})
         link = intra if tp * cp * dp <= gpus_per_node else inter
         ring = (size - 1) / size
         if layout.deepspeed_stage:  # DeepSpeed reduces 16-bit gradients
