@@ -145,6 +145,87 @@ def ops_per_layer(config: GPTConfig, moe=None) -> int:
     return _OPS[key]
 
 
+_CP_OPS: dict[tuple, int] = {}
+
+
+def cp_attention_ops(config: GPTConfig, layout: Layout) -> int:
+    """Kernels the context-parallel core attention adds per layer and micro-batch (forward +
+    backward) on one rank: megalite's ring / all-to-all attention run at this rank's shape in
+    one process, its CP exchanges replaced by local copies (an op count; values do not
+    matter), minus the SDPA call it replaces. Only for devices with a per-op cost (CPU)."""
+    c, cp, comm = config, layout.cp, layout.cp_comm_type
+    b, tp, d = layout.micro_batch_size, layout.tp, c.head_dim
+    shape = (b, c.num_attention_heads // tp, c.num_query_groups // tp, c.seq_length // cp, d)
+    key = (shape, cp, comm)
+    if key in _CP_OPS:
+        return _CP_OPS[key]
+    import types
+    from unittest import mock
+
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megalite.context_parallel import comm as cp_comm
+    from megalite.context_parallel import ring, ulysses
+
+    count = [0]
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+            count[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    class Done:
+        def __init__(self, buffer):
+            self.buffer = buffer
+
+        def wait(self):
+            return self.buffer
+
+    class LocalRing:  # every "neighbour" is this process: a send is a copy
+        def __init__(self, group):
+            self.size, self.rank = cp, 0
+
+        def shift(self, tensor, tag=0):
+            return Done(torch.empty_like(tensor).copy_(tensor.contiguous()))
+
+    def local_all_to_all(x, group, scatter_dim, gather_dim):
+        send = torch.stack(x.chunk(cp, dim=scatter_dim)).contiguous()
+        recv = torch.empty_like(send).copy_(send)
+        return torch.cat(recv.unbind(0), dim=gather_dim)
+
+    n, g, s = shape[1], shape[2], shape[3]
+    q = torch.randn(b, n, s, d, requires_grad=True)
+    k = torch.randn(b, g, s, d, requires_grad=True)
+    v = torch.randn(b, g, s, d, requires_grad=True)
+
+    def counted(fn) -> int:
+        count[0] = 0
+        with Counter():
+            fn(q, k, v).sum().backward()
+        return count[0]
+
+    fake_dist = types.SimpleNamespace(get_world_size=lambda group=None: cp)
+    with (
+        mock.patch.object(ring, "Ring", LocalRing),
+        mock.patch.object(cp_comm, "all_to_all", local_all_to_all),
+        mock.patch.object(ulysses, "dist", fake_dist),
+    ):
+        if comm == "p2p":
+            ops = counted(lambda q, k, v: ring.RingAttention.apply(q, k, v, None, d**-0.5, 0.0))
+        else:
+            ops = counted(lambda q, k, v: ulysses.ulysses_attention(q, k, v, None))
+
+    def sdpa(q, k, v):
+        rep = n // g
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    _CP_OPS[key] = max(0, ops - counted(sdpa))
+    return _CP_OPS[key]
+
+
 def _layer_flops(c: GPTConfig, b: int, moe) -> tuple[float, float, float]:
     """(dense layer, MoE layer, logits) FLOPs of one micro-batch, from the MFU count."""
     logits = 3.0 * b * c.seq_length * 2 * c.hidden_size * c.padded_vocab_size
@@ -230,7 +311,9 @@ def estimate_step_time(
     overhead = 0.0
     if device.op_overhead_s:  # counted on a real layer run: only for devices that charge it
         ops = ops_per_layer(c) * (per_stage - n_moe)
-        overhead = device.op_overhead_s * (ops + (ops_per_layer(c, moe) * n_moe if n_moe else 0))
+        ops += ops_per_layer(c, moe) * n_moe if n_moe else 0
+        ops += cp_attention_ops(c, layout) * per_stage if cp > 1 else 0
+        overhead = device.op_overhead_s * ops
 
     busy = m * (compute + tp_comm + cp_comm + ep_comm + pp_comm + overhead)
     bubble = bubble_fraction(pp, m, v)
