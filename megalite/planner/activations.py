@@ -4,10 +4,13 @@ Units are one token ``[1, 1, h]`` of this rank's part of the sequence (``s*b/cp`
 micro-batch; ``/tp`` inside the TP block, ``/tp`` outside it too under sequence parallelism).
 A dense layer (pre-norm attention + MLP) keeps:
 
-    layer input h/sp, norm stats, QKV input h (all-gathered under SP), QKV 3h/tp (+2h/tp for
-    RoPE on MHA), attention out h/tp, flash log-sum-exp n/tp (fp32), attention residual h/sp,
-    MLP input h, MLP 2f/tp (GeLU: input and output; SwiGLU 4f/tp), dropout masks 2h/sp
-    (CPU math attention with attention dropout: 2h/tp + 3ns/tp more, the s x s scores)
+    layer input h/sp, norm stats, QKV input h/sp, QKV 3h/tp (+2h/tp for RoPE on MHA),
+    attention out h/tp, flash log-sum-exp n/tp (fp32), attention residual h/sp, MLP input h/sp,
+    MLP 2f/tp (GeLU: input and output; SwiGLU 4f/tp), dropout masks 2h/sp (CPU math attention
+    with attention dropout: 2h/tp + 3ns/tp more, the s x s scores)
+
+(Under sequence parallelism the column-parallel linears keep their local input shard and
+all-gather it again in backward, as Megatron's do: `tensor_parallel.layers`.)
 
 Context parallelism changes only the core attention (`megalite.context_parallel`): ring
 attention (p2p) saves its q, k, v inputs (views of the fused QKV output; GQA: a copy of q beside
@@ -98,16 +101,16 @@ def activation_model(
         if mode == "full":
             return h * B / sp
         drop = 2 * h / sp * mask if c.hidden_dropout > 0 else 0
-        return (h / sp + h + h / sp) * B + attention(mode) + mlp + drop + 2 * norm
+        return (h / sp + h / sp + h / sp) * B + attention(mode) + mlp + drop + 2 * norm
 
-    dense_mlp = (h + (4 if c.activation == "swiglu" else 2) * f / t) * B
+    dense_mlp = (h / sp + (4 if c.activation == "swiglu" else 2) * f / t) * B
     layer = saved(c.recompute_granularity, dense_mlp)
     moe_mlp = moe_bytes_per_token(c, layout, runtime, moe) if moe is not None else 0.0
     # Token ids: a view of the batch at TP=1 (the embedding keeps it), local ids + mask at TP>1.
     embedding = (b * (s + 1) * 8 if t == 1 and cp == 1 else tokens * (8 if t == 1 else 9)) + (
         tokens * h / sp * mask if c.hidden_dropout > 0 else 0
     )
-    head = tokens * ((h / sp + h) * B + norm + 4 * V / t + 8 + 1 + 1)
+    head = tokens * ((h / sp + h / sp) * B + norm + 4 * V / t + 8 + 1 + 1)
     padded = c.padded_vocab_size > c.vocab_size
     # Loss forward: the masked logits, their fp32 shift and exp (the softmax not yet saved).
     logits_fwd = tokens * V / t * (B + 8 + (4 if B < 4 else 0)) - tokens * 4 * V / t
@@ -161,6 +164,7 @@ def moe_bytes_per_token(c: GPTConfig, layout: Layout, runtime: Runtime, moe) -> 
     bytes_ = local * router + rows * per_row + pairs * per_pair
     fs = moe.moe_shared_expert_intermediate_size
     if fs:  # a dense MLP; its input is the router's own (fp32, unsplit) unless a copy is made
-        shared_input = h * B if (B < 4 or t > 1) else 0
+        sp = t if c.sequence_parallel else 1
+        shared_input = h * B / sp if B < 4 else (h * B if t > 1 and sp == 1 else 0)
         bytes_ += shared_input + (4 if c.activation == "swiglu" else 2) * fs / t * B
     return bytes_

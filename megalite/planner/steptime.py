@@ -6,7 +6,8 @@
   slowest stage (the last also computes the logits), at ``peak x mfu`` (fp32: half the peak).
   Balanced routing spreads an MoE layer's expert work evenly over the stage's ranks.
 * TP: per layer and micro-batch, two all-reduces of ``[s, b, h]`` in forward and two in
-  backward (sequence parallel: all-gathers + reduce-scatters, the same bytes), ring volume
+  backward (sequence parallel: all-gathers + reduce-scatters, the same bytes, plus the two
+  all-gathers backward repeats for the column-parallel weight gradients), ring volume
   ``2 (t-1)/t x size``, over the intra-node link (TP stays inside a node).
 * CP: ring attention (p2p) sends ``cp - 1`` key/value blocks per layer forward and, backward,
   ``cp - 1`` blocks plus ``cp`` fp32 dK/dV accumulators; the transfers overlap the block
@@ -275,6 +276,8 @@ def estimate_step_time(
     if tp > 1:
         size = tokens * h * B
         per_layer = 4 * (2 * (tp - 1) / tp * size / intra + device.latency_s)
+        if c.sequence_parallel:  # backward all-gathers the two column-parallel inputs again
+            per_layer += 2 * ((tp - 1) / tp * size / intra + device.latency_s)
         tp_comm = per_stage * per_layer * (1.5 if layout.recompute == "full" else 1.0)
         # vocab-parallel embedding (1) and cross-entropy (3) all-reduces, on the end stages
         tp_comm += 4 * device.latency_s
