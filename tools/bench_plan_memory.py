@@ -187,7 +187,12 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 
 
 def _links(bytes_: int = 1 << 22) -> tuple[float, float]:
-    """(latency s, bandwidth GB/s) of this gloo group: a 1-element and a 4 MiB all-reduce."""
+    """(latency s, bandwidth GB/s) of this gloo group as a training step sees it.
+
+    Latency: the extra time of a 1-element all-reduce issued between bits of compute (as a
+    layer's collectives are), so that it includes the wait for the peer to be scheduled on a
+    shared machine, not only the best case of two ranks released by a barrier together.
+    Bandwidth: a 4 MiB all-reduce."""
     import torch
     import torch.distributed as dist
 
@@ -200,9 +205,23 @@ def _links(bytes_: int = 1 << 22) -> tuple[float, float]:
             times.append(time.perf_counter() - start)
         return min(times)
 
+    a, one = torch.randn(96, 96), torch.ones(1)
+
+    def loop(n: int, collective: bool) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(n):
+            for _ in range(4):
+                a @ a
+            if collective:
+                dist.all_reduce(one)
+        return time.perf_counter() - start
+
+    n = 50
+    loop(5, True)
+    latency = max(loop(n, True) - loop(n, False), 0.0) / n
     world = dist.get_world_size()
-    latency = best(torch.ones(1))
-    big = best(torch.ones(bytes_ // 4)) - latency
+    big = best(torch.ones(bytes_ // 4)) - best(one)
     return latency, 2 * (world - 1) / world * bytes_ / big / 1e9
 
 
