@@ -59,3 +59,34 @@ def test_tracker_counts_live_storages_exactly():
         t.mark()
     assert live_with_view == 8000
     assert t.window_peaks() == [8000, 0]
+
+
+def _saved_by_column_linear(sp: bool) -> list:
+    """Sizes of the activations a column-parallel linear keeps for backward (2 TP ranks)."""
+    from megalite import parallel_state as ps
+    from megalite.tensor_parallel import ColumnParallelLinear
+
+    ps.initialize_model_parallel(2)
+    layer = ColumnParallelLinear(
+        8, 16, group=ps.get_tensor_model_parallel_group(), sequence_parallel=sp,
+        init_method=lambda w: torch.nn.init.normal_(w, generator=torch.Generator().manual_seed(0)),
+    )  # fmt: skip
+    x = torch.randn(6 if sp else 12, 2, 8, requires_grad=True)
+    shapes = []
+
+    def pack(t):
+        if t.data_ptr() != layer.weight.data_ptr():  # the input, however autograd views it
+            shapes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = layer(x)
+    out.sum().backward()
+    return shapes
+
+
+def test_column_linear_keeps_the_local_shard_under_sequence_parallelism():
+    """What the planner's activation model assumes (world size 2): under SP the QKV / FC1
+    linears keep their [s/tp, b, h] input for backward, not the all-gathered [s, b, h]."""
+    assert run_distributed(2, _saved_by_column_linear, True) == [[6 * 2 * 8]] * 2
+    assert run_distributed(2, _saved_by_column_linear, False) == [[12 * 2 * 8]] * 2
