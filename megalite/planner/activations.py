@@ -49,6 +49,7 @@ class ActivationModel:
     layer_backward: int  # transient of a layer's backward (grads in flight)
     moe_layer: int = 0  # an MoE layer (0: dense model)
     moe_layer_full_rebuild: int = 0
+    moe_layer_backward: int = 0  # transient of an MoE layer's backward (dispatcher gradients)
 
     def of_layer(self, moe: bool) -> int:
         return self.moe_layer if moe else self.layer
@@ -137,6 +138,9 @@ def activation_model(
         layer_backward=int(layer_bwd),
         moe_layer=int(saved(c.recompute_granularity, moe_mlp) * tokens) if moe else 0,
         moe_layer_full_rebuild=int(saved("none", moe_mlp) * tokens) if moe else 0,
+        moe_layer_backward=int(moe_backward_per_token(c, layout, runtime, moe) * tokens)
+        if moe
+        else 0,
     )
 
 
@@ -168,3 +172,18 @@ def moe_bytes_per_token(c: GPTConfig, layout: Layout, runtime: Runtime, moe) -> 
         shared_input = h * B / sp if B < 4 else (h * B if t > 1 and sp == 1 else 0)
         bytes_ += shared_input + (4 if c.activation == "swiglu" else 2) * fs / t * B
     return bytes_
+
+
+def moe_backward_per_token(c: GPTConfig, layout: Layout, runtime: Runtime, moe) -> float:
+    """Gradients in flight when an MoE layer's backward starts, per token of the sequence:
+    the combine's row gradients, moved back to the experts (alltoall) or all-gathered over
+    the ETP x EP group (allgather), and the experts' inner-activation gradient."""
+    B, h, t = runtime.dtype_bytes, c.hidden_size, layout.tp
+    k, etp = moe.moe_router_topk, layout.expert_tp
+    fe = moe.moe_ffn_hidden_size or c.ffn_hidden_size
+    inner = fe * (2 if c.activation == "swiglu" else 1) / etp
+    local = 1 / t
+    rows = local * k * etp
+    if moe.moe_token_dispatcher_type == "alltoall":
+        return (2 * local * k * h + rows * (h + inner)) * B
+    return (local * layout.ep * etp * h + rows * (h + inner)) * B

@@ -205,13 +205,16 @@ def rank_memory(
         rebuild = max(act.layer_full_rebuild, act.moe_layer_full_rebuild if any_moe else 0)
     # The layers' backward runs after the loss's: that micro-batch's head activations are gone.
     head_done = act.head if last else 0
+    # The first backward walks the last chunk's layers in reverse: a layer's transient (the
+    # MLP's gradients, an MoE layer's dispatcher gradients) meets what the layers after it
+    # have already freed (their activations, unless full recompute keeps only the inputs).
+    transient, freed = 0, 0
+    for moe_layer in reversed(kinds[-1]):
+        grads = act.moe_layer_backward if moe_layer else act.layer_backward
+        transient = max(transient, grads - freed)
+        freed += act.of_layer(moe_layer) if config.recompute_granularity != "full" else 0
     candidates = {
-        "backward": bwd
-        + held
-        - head_done
-        + act.layer_backward
-        + rebuild
-        + states.largest_weight * B,
+        "backward": bwd + held - head_done + transient + rebuild + states.largest_weight * B,
         "optimizer step": static + states.grad_bytes_at_step + states.optimizer_transient,
     }
     if last:
