@@ -5,6 +5,7 @@ The measured side (predicted vs real peaks on gloo ranks) is tests/test_planner_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -179,11 +180,92 @@ def test_first_stage_holds_the_most_activations():
     assert [r.detail["microbatches_in_flight"] for r in ranks] == [4, 3, 2, 1]
 
 
-def test_layout_refuses_cp_and_ep_with_the_reason():
-    with pytest.raises(ValueError, match="context parallelism"):
-        Layout(cp=2)
+def test_layout_refuses_bad_cp_and_ep_with_the_reason():
+    with pytest.raises(ValueError, match=r"ep \(3\) x etp \(1\) does not divide"):
+        Layout(dp=4, ep=3)
+    with pytest.raises(ValueError, match="cp_comm_type"):
+        Layout(cp=2, cp_comm_type="ring")
     with pytest.raises(ValueError, match="multiple of pp"):
         Layout(pp=2, vp=2, num_microbatches=3)
+    assert Layout(tp=2, cp=2, dp=2, ep=4, etp=1).expert_dp == 2
+    assert Layout(tp=2, cp=2, dp=2).grad_dp == 4
+
+
+# --- context parallelism and MoE ---------------------------------------------------------------
+def _moe(**kw):
+    from megalite.moe import MoEConfig
+
+    return MoEConfig(**({"num_experts": 8, "moe_router_topk": 2} | kw))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(moe_layer_freq=2, moe_shared_expert_intermediate_size=48),
+     dict(moe_layer_freq="[0,1,1,0]", moe_ffn_hidden_size=96)],
+)  # fmt: skip
+def test_moe_stage_params_equal_the_built_model(kw):
+    moe = _moe(**kw)
+    config = GPTConfig(**TINY, pipeline_model_parallel_size=2, swiglu=True)
+    for r in range(2):
+        (chunk,) = build_model(config, 0, pp_rank=r, use_parallel_state=False, moe=moe)
+        (planned,) = stage_params(config, r, moe)
+        assert [p.numel for p in planned] == [p.numel() for p in chunk.parameters()]
+        expert = [getattr(p, "expert", False) for p in chunk.parameters()]
+        assert [p.expert for p in planned] == expert
+
+
+def test_expert_weights_split_over_ep_and_etp_and_shard_over_expert_dp():
+    """EP 4 holds a quarter of each MoE layer's experts, ETP 2 half of each; ZeRO-1 shards the
+    expert optimizer over expert-DP = TP x CP x DP / (EP x ETP), the dense one over DP x CP."""
+    from megalite.planner.layout import apply_moe
+
+    config, moe, rt = GPTConfig(**TINY, tensor_model_parallel_size=2), _moe(), Runtime()
+    experts = {}
+    for ep, etp in ((1, 1), (4, 1), (2, 2)):
+        layout = Layout(tp=2, dp=4, ep=ep, etp=etp)
+        (chunk,) = stage_params(config, 0, apply_moe(moe, layout))
+        experts[ep, etp] = sum(p.numel for p in chunk if p.expert)
+        dense = sum(p.numel for p in chunk if not p.expert)
+        states = megalite_states([chunk], dataclasses.replace(layout, zero_stage=1), rt)
+        edp = 8 // (ep * etp)
+        assert states.optimizer_bytes == pytest.approx(
+            12 * (dense / 4 + experts[ep, etp] / edp), abs=12 * 64
+        )
+    assert experts[4, 1] * 4 == experts[1, 1] == experts[2, 2] * 4
+
+
+def test_context_parallel_splits_the_activations():
+    config = GPTConfig(**TINY | {"seq_length": 64})
+    rt = Runtime(torch.bfloat16, "cuda")
+    acts = {}
+    for cp, comm in ((1, "p2p"), (2, "p2p"), (4, "p2p"), (4, "a2a")):
+        layout = Layout(cp=cp, cp_comm_type=comm, micro_batch_size=2)
+        (rank,) = plan_memory(apply_layout(config, layout, rt), layout, rt)
+        acts[cp, comm] = rank.detail["activation_bytes_per_layer_microbatch"]
+    # a rank keeps 1/cp of the tokens; CP attention keeps one more copy of the output
+    h = 32
+    extra = 64 * 2 * h * 2
+    assert acts[2, "p2p"] == pytest.approx((acts[1, "p2p"] + extra) / 2, rel=0.01)
+    assert acts[4, "p2p"] == pytest.approx((acts[1, "p2p"] + extra) / 4, rel=0.01)
+    assert acts[4, "a2a"] == pytest.approx(acts[4, "p2p"], rel=0.01)
+
+
+def test_moe_step_time_counts_active_parameters():
+    """Top-1 of 8 experts computes about the dense model's FLOPs; top-2 about one more MLP."""
+    from megalite.planner import cpu_device, estimate_step_time
+    from megalite.planner.layout import apply_moe
+
+    config = GPTConfig(**TINY | {"hidden_size": 256, "seq_length": 64})
+    layout, rt = Layout(), Runtime()
+    dev = cpu_device().with_overrides(op_overhead_s=0.0)
+    split = apply_layout(config, layout, rt)
+    dense = estimate_step_time(split, layout, rt, dev, 8).compute_s
+    top1 = estimate_step_time(split, layout, rt, dev, 8, apply_moe(_moe(moe_router_topk=1), layout))
+    top2 = estimate_step_time(split, layout, rt, dev, 8, apply_moe(_moe(), layout))
+    assert dense < top1.compute_s < 1.05 * dense < top2.compute_s
+    assert top1.ep_comm_s == 0.0
+    ep = Layout(dp=4, ep=4)
+    assert estimate_step_time(split, ep, rt, dev, 8, apply_moe(_moe(), ep)).ep_comm_s > 0
 
 
 # --- CLI --------------------------------------------------------------------------------------
@@ -222,6 +304,41 @@ def test_cli_search_ranks_by_tokens_per_second(capsys):
     rates = [p["tokens_per_s"] for p in out["layouts"]]
     assert len(rates) == 5 and rates == sorted(rates, reverse=True)
     assert all(p["fits"] and p["layout"]["tp"] <= 8 for p in out["layouts"])
+
+
+def test_cli_search_ranges_over_cp_for_long_sequences_and_ep_for_moe(capsys):
+    from megalite.planner.cli import main
+
+    assert main(LLAMA_8B + ["--num-gpus", "8", "--search", "--json", "--top", "400"]) == 0
+    layouts = [p["layout"] for p in json.loads(capsys.readouterr().out)["layouts"]]
+    assert {lay["cp"] for lay in layouts} >= {1, 2, 4} and {"p2p", "a2a"} <= {
+        lay["cp_comm_type"] for lay in layouts
+    }
+    moe = ["--num-experts", "8", "--moe-router-topk", "2", "--seq-length", "4096"]
+    assert main(LLAMA_8B + moe + ["--num-gpus", "16", "--search", "--json", "--top", "50"]) == 0
+    layouts = [p["layout"] for p in json.loads(capsys.readouterr().out)["layouts"]]
+    assert {lay["cp"] for lay in layouts} == {1} and max(lay["ep"] for lay in layouts) > 1
+
+
+def test_cli_plans_cp_and_moe_layouts(capsys):
+    from megalite.planner.cli import main
+
+    base = LLAMA_8B + ["--num-gpus", "8", "--json", "--use-distributed-optimizer",
+                       "--tensor-model-parallel-size", "2", "--sequence-parallel"]  # fmt: skip
+    peaks = {}
+    for cp in (1, 2):
+        assert main(base + ["--context-parallel-size", str(cp)]) == 0
+        peaks[cp] = json.loads(capsys.readouterr().out)["ranks"][0]["peak_bytes"]
+    assert peaks[2] < peaks[1]
+    moe = ["--num-experts", "8", "--expert-model-parallel-size", "4", "--gpu-memory", "400"]
+    assert main(base + moe) == 0
+    out = json.loads(capsys.readouterr().out)
+    # 8B's MLPs become 8 experts: 8 x 32 x 3 x 4096 x 14336 expert weights; a rank holds
+    # 1/EP of the experts, each split over ETP = TP = 2, and half of the dense rest
+    experts = 8 * 32 * 3 * 4096 * 14336
+    dense = 8.03e9 - experts / 8
+    assert out["ranks"][0]["num_params"] == pytest.approx(dense / 2 + experts / 8, rel=0.01)
+    assert out["step"]["ep_comm_s"] > 0
 
 
 def test_cli_unsatisfiable_says_the_smallest_memory(capsys):

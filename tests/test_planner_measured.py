@@ -2,8 +2,9 @@
 
 World size 2 (gloo). Each row trains three steps of a tiny GPT with the real model, DDP,
 optimizer and schedules (`megalite.planner.measure.measure_layout`) and compares every rank's
-steady-state peak with the planner's prediction for its pipeline stage. The full matrix (22
-layouts, up to 8 ranks) is tools/bench_plan_memory.py.
+steady-state peak with the planner's prediction for its pipeline stage; one row splits the
+sequence (context parallelism), one the experts (MoE, EP 2). The full matrix (32 layouts, up to
+8 ranks) is tools/bench_plan_memory.py.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ ROWS = [
     MeasureSpec(tp=2, sequence_parallel=True, recompute="selective", swiglu=True, rope=True),
     MeasureSpec(zero_stage=2, num_microbatches=2, bf16=True),
     MeasureSpec(pp=2, num_microbatches=4, recompute="full", zero_stage=1),
+    MeasureSpec(cp=2, num_microbatches=2, rope=True),  # ring attention
+    MeasureSpec(num_experts=4, ep=2, num_microbatches=2, zero_stage=1),  # EP 2, all-to-all
 ]
 
 
@@ -38,7 +41,8 @@ def test_predicted_peak_within_tolerance(spec):
         assert abs(p - m) / m < TOLERANCE, (
             f"{spec.name} rank {r['rank']}: predicted {p}, measured {m} ({100 * (p - m) / m:+.1f}%)"
         )
-        assert len(set(r["step_peaks"][1:])) == 1  # steady state: the same peak every step
+        if not spec.num_experts:  # MoE: routing (so the activations) moves with the weights
+            assert len(set(r["step_peaks"][1:])) == 1  # steady state: the same peak every step
 
 
 def test_tracker_counts_live_storages_exactly():
@@ -55,3 +59,34 @@ def test_tracker_counts_live_storages_exactly():
         t.mark()
     assert live_with_view == 8000
     assert t.window_peaks() == [8000, 0]
+
+
+def _saved_by_column_linear(sp: bool) -> list:
+    """Sizes of the activations a column-parallel linear keeps for backward (2 TP ranks)."""
+    from megalite import parallel_state as ps
+    from megalite.tensor_parallel import ColumnParallelLinear
+
+    ps.initialize_model_parallel(2)
+    layer = ColumnParallelLinear(
+        8, 16, group=ps.get_tensor_model_parallel_group(), sequence_parallel=sp,
+        init_method=lambda w: torch.nn.init.normal_(w, generator=torch.Generator().manual_seed(0)),
+    )  # fmt: skip
+    x = torch.randn(6 if sp else 12, 2, 8, requires_grad=True)
+    shapes = []
+
+    def pack(t):
+        if t.data_ptr() != layer.weight.data_ptr():  # the input, however autograd views it
+            shapes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = layer(x)
+    out.sum().backward()
+    return shapes
+
+
+def test_column_linear_keeps_the_local_shard_under_sequence_parallelism():
+    """What the planner's activation model assumes (world size 2): under SP the QKV / FC1
+    linears keep their [s/tp, b, h] input for backward, not the all-gathered [s, b, h]."""
+    assert run_distributed(2, _saved_by_column_linear, True) == [[6 * 2 * 8]] * 2
+    assert run_distributed(2, _saved_by_column_linear, False) == [[12 * 2 * 8]] * 2

@@ -1,7 +1,8 @@
 """Check `megalite-plan` against measurement: predicted vs measured peak bytes on every rank.
 
 Trains each layout of a matrix (TP/PP/DP up to 8 gloo ranks, ZeRO 0/1/2, recompute none /
-selective / full, micro-batch counts, 1F1B and interleaved, SP, SwiGLU/RoPE/GQA/RMSNorm, bf16)
+selective / full, micro-batch counts, 1F1B and interleaved, SP, SwiGLU/RoPE/GQA/RMSNorm, bf16,
+context parallelism (ring and all-to-all), MoE with EP / ETP and both token dispatchers)
 for two steps with megalite's real model, DDP, optimizer and schedules in spawned processes
 (`tests/harness.py`), records each rank's peak allocated tensor bytes with the exact
 allocation-level tracker (`megalite.planner.measure.AllocationTracker`), and prints, per rank,
@@ -64,9 +65,34 @@ MATRIX = [
     (8, S(tp=2, pp=4, num_microbatches=8, num_layers=8, vp_layers=1, zero_stage=2)),
     (8, S(pp=8, num_layers=8, num_microbatches=8)),
     (8, S(tp=8, sequence_parallel=True, num_attention_heads=8, recompute="full")),
+    # context parallelism: ring (p2p) and all-to-all (a2a) attention
+    (2, S(cp=2, num_microbatches=2)),
+    (4, S(cp=4, seq_length=128)),
+    (4, S(tp=2, cp=2, sequence_parallel=True, cp_comm_type="a2a")),
+    (4, S(pp=2, cp=2, num_microbatches=4, rope=True, num_query_groups=2, zero_stage=1)),
+    # mixture of experts: EP, ETP, both dispatchers, shared experts, MoE every other layer
+    (2, S(num_experts=4, ep=2, num_microbatches=2)),
+    (4, S(num_experts=4, ep=4, zero_stage=1, seq_length=128)),
+    (4, S(tp=2, sequence_parallel=True, num_experts=4, ep=2, etp=2)),
+    (4, S(tp=2, num_experts=4, ep=4, etp=1, swiglu=True, shared_expert_size=64)),
+    (4, S(pp=2, num_experts=4, ep=2, num_microbatches=4, moe_layer_freq=2, dispatcher="allgather")),
+    (
+        8,
+        S(
+            tp=2,
+            cp=2,
+            sequence_parallel=True,
+            num_experts=4,
+            ep=2,
+            zero_stage=2,
+            swiglu=True,
+            bf16=True,
+            num_microbatches=2,
+        ),
+    ),
 ]
 # Step-time ranking: 2-rank layouts (one rank per core of the 2-core test machine) of one model
-# family, differing in the split (DP / TP / PP / interleaved) and in the work per rank.
+# family, differing in the split (DP / TP / PP / interleaved / CP / EP) and in the work per rank.
 _T = dict(hidden_size=128, num_microbatches=4, timed_steps=6)
 TIMED = [
     S(**_T),
@@ -79,6 +105,9 @@ TIMED = [
     S(pp=2, **_T),
     S(pp=2, **(_T | {"num_microbatches": 8})),
     S(pp=2, vp_layers=1, **(_T | {"num_microbatches": 8})),
+    S(cp=2, **_T),
+    S(cp=2, cp_comm_type="a2a", **_T),
+    S(num_experts=4, ep=2, **_T),
 ]
 
 
@@ -87,17 +116,18 @@ def _layout(spec: MeasureSpec, world: int):
 
     config = spec.model_config()
     return Layout(
-        tp=spec.tp, pp=spec.pp, dp=world // (spec.tp * spec.pp), vp=config.virtual_pipeline_size,
-        sequence_parallel=config.sequence_parallel, micro_batch_size=spec.micro_batch_size,
-        num_microbatches=spec.num_microbatches, zero_stage=spec.zero_stage,
-        recompute=spec.recompute,
+        tp=spec.tp, pp=spec.pp, dp=world // (spec.tp * spec.pp * spec.cp),
+        vp=config.virtual_pipeline_size, sequence_parallel=config.sequence_parallel,
+        micro_batch_size=spec.micro_batch_size, num_microbatches=spec.num_microbatches,
+        zero_stage=spec.zero_stage, recompute=spec.recompute, cp=spec.cp,
+        cp_comm_type=spec.cp_comm_type, ep=spec.ep, etp=spec.etp,
     )  # fmt: skip
 
 
 def predict(spec: MeasureSpec, world: int) -> list[int]:
     """The planner's peak bytes per pipeline stage for `spec` on `world` CPU ranks."""
     from megalite.planner import Runtime, plan_memory
-    from megalite.planner.layout import DEFAULT_BUCKET_SIZE
+    from megalite.planner.layout import DEFAULT_BUCKET_SIZE, apply_moe
 
     config = spec.model_config()
     layout = _layout(spec, world)
@@ -106,7 +136,8 @@ def predict(spec: MeasureSpec, world: int) -> list[int]:
         device_kind="cpu",
         bucket_size=spec.bucket_size or DEFAULT_BUCKET_SIZE,
     )
-    return [r.peak_bytes for r in plan_memory(config, layout, runtime)]
+    moe = apply_moe(spec.moe_config(), layout)
+    return [r.peak_bytes for r in plan_memory(config, layout, runtime, moe=moe)]
 
 
 def compare(matrix, only: str = "") -> list[dict]:
@@ -156,7 +187,12 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 
 
 def _links(bytes_: int = 1 << 22) -> tuple[float, float]:
-    """(latency s, bandwidth GB/s) of this gloo group: a 1-element and a 4 MiB all-reduce."""
+    """(latency s, bandwidth GB/s) of this gloo group as a training step sees it.
+
+    Latency: the extra time of a 1-element all-reduce issued between bits of compute (as a
+    layer's collectives are), so that it includes the wait for the peer to be scheduled on a
+    shared machine, not only the best case of two ranks released by a barrier together.
+    Bandwidth: a 4 MiB all-reduce."""
     import torch
     import torch.distributed as dist
 
@@ -169,14 +205,29 @@ def _links(bytes_: int = 1 << 22) -> tuple[float, float]:
             times.append(time.perf_counter() - start)
         return min(times)
 
+    a, one = torch.randn(96, 96), torch.ones(1)
+
+    def loop(n: int, collective: bool) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(n):
+            for _ in range(4):
+                a @ a
+            if collective:
+                dist.all_reduce(one)
+        return time.perf_counter() - start
+
+    n = 50
+    loop(5, True)
+    latency = max(loop(n, True) - loop(n, False), 0.0) / n
     world = dist.get_world_size()
-    latency = best(torch.ones(1))
-    big = best(torch.ones(bytes_ // 4)) - latency
+    big = best(torch.ones(bytes_ // 4)) - best(one)
     return latency, 2 * (world - 1) / world * bytes_ / big / 1e9
 
 
 def timing(world: int = 2) -> tuple[list[dict], float]:
     from megalite.planner import Runtime, cpu_device, estimate_step_time
+    from megalite.planner.layout import apply_moe
     from megalite.planner.measure import measure_layout
     from tests.harness import run_distributed
 
@@ -190,7 +241,9 @@ def timing(world: int = 2) -> tuple[list[dict], float]:
         measured = max(r["step_time_s"] for r in run_distributed(world, measure_layout, spec))
         config = spec.model_config()
         layout = _layout(spec, world)
-        est = estimate_step_time(config, layout, Runtime(config.params_dtype, "cpu"), device, 1)
+        moe = apply_moe(spec.moe_config(), layout)
+        rt = Runtime(config.params_dtype, "cpu")
+        est = estimate_step_time(config, layout, rt, device, 1, moe)
         rows.append(dict(layout=f"{spec.name}-h{spec.hidden_size}",
                          estimated=est.step_time_s, measured=measured))  # fmt: skip
     rho = spearman([r["estimated"] for r in rows], [r["measured"] for r in rows])

@@ -46,10 +46,13 @@ LAYOUTS = [
         micro_batch_size=2,
     ),  # fmt: skip
     MeasureSpec(**GPT_1B3, micro_batch_size=2, num_microbatches=2, zero_stage=1),
+    # MoE on one GPU (EP 1): 8 experts of the 350M's MLP, top-2, shared expert every layer
+    MeasureSpec(**GPT_350M, micro_batch_size=2, num_experts=8, topk=2, shared_expert_size=1024),
 ]
 SMOKE = [
     MeasureSpec(num_microbatches=2),
     MeasureSpec(recompute="full", zero_stage=1, bf16=True),
+    MeasureSpec(num_experts=4, num_microbatches=2),
 ]
 
 
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from megalite.planner import Runtime, plan_memory
-    from megalite.planner.layout import DEFAULT_BUCKET_SIZE, Layout
+    from megalite.planner.layout import DEFAULT_BUCKET_SIZE, Layout, apply_moe
     from megalite.planner.measure import measure_layout
 
     if not a.smoke and not torch.cuda.is_available():
@@ -88,7 +91,8 @@ def main(argv=None) -> int:
                         num_microbatches=spec.num_microbatches, zero_stage=spec.zero_stage,
                         recompute=spec.recompute)  # fmt: skip
         runtime = Runtime(config.params_dtype, kind, spec.bucket_size or DEFAULT_BUCKET_SIZE)
-        predicted = plan_memory(config, layout, runtime)[0].peak_bytes
+        moe = apply_moe(spec.moe_config(), layout)
+        predicted = plan_memory(config, layout, runtime, moe=moe)[0].peak_bytes
         err = (predicted - measured) / measured
         worst = max(worst, abs(err))
         print(f"{spec.name + '-h' + str(spec.hidden_size):52} {predicted:>12,} {measured:>12,} "

@@ -6,7 +6,7 @@ See README.md, "Planner".
 """
 
 from megalite.planner.devices import DEVICES, Device, cpu_device, get_device
-from megalite.planner.layout import Layout, Runtime, apply_layout
+from megalite.planner.layout import Layout, Runtime, apply_layout, apply_moe
 from megalite.planner.memory import RankMemory, plan_memory
 from megalite.planner.plan import Plan, format_plan, format_search, plan_for, search
 from megalite.planner.steptime import StepTime, estimate_step_time
@@ -20,6 +20,7 @@ __all__ = [
     "Runtime",
     "StepTime",
     "apply_layout",
+    "apply_moe",
     "cpu_device",
     "estimate_step_time",
     "format_plan",

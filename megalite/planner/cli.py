@@ -75,14 +75,9 @@ def load_settings(argv: Sequence[str]) -> tuple[dict, argparse.Namespace]:
 
 
 def settings_from_run_config(cfg, num_gpus: int):
-    """(GPTConfig, Layout, Runtime, global batch size) of a `RunConfig` at `num_gpus` ranks."""
+    """(GPTConfig, Layout, Runtime, global batch size, MoEConfig or None) of a `RunConfig` at
+    `num_gpus` ranks."""
     cfg.resolve(num_gpus)
-    if cfg.parallel.context_parallel_size > 1 or cfg.moe.num_experts:
-        raise ValueError(
-            "the planner does not model context parallelism or mixture-of-experts layers yet "
-            "(--context-parallel-size > 1 / --num-experts): its numbers would be a dense, "
-            "unsplit-sequence model's"
-        )
     vocab = cfg.data.vocab_size
     if vocab is None:
         raise ValueError("the memory plan needs the vocabulary size: give --vocab-size")
@@ -99,6 +94,10 @@ def settings_from_run_config(cfg, num_gpus: int):
         zero_stage=cfg.optimizer.zero_stage,
         deepspeed_stage=_deepspeed_stage(p),
         recompute=model.recompute_granularity,
+        cp=p.context_parallel_size,
+        cp_comm_type=p.cp_comm_type,
+        ep=cfg.moe.expert_model_parallel_size if cfg.moe.enabled else 1,
+        etp=cfg.moe.expert_tensor_parallel_size if cfg.moe.enabled else None,
     )
     runtime = Runtime(
         params_dtype=model.params_dtype,
@@ -106,7 +105,8 @@ def settings_from_run_config(cfg, num_gpus: int):
         bucket_size=p.ddp_bucket_size or DEFAULT_BUCKET_SIZE,
         overlap_grad_reduce=p.overlap_grad_reduce,
     )
-    return model, layout, runtime, t.global_batch_size
+    moe = cfg.moe if cfg.moe.enabled else None
+    return model, layout, runtime, t.global_batch_size, moe
 
 
 def _deepspeed_stage(parallel) -> Optional[int]:
@@ -139,9 +139,9 @@ def plan_text_for_run(cfg, world_size: int) -> str:
                     device = dataclasses.replace(device, memory_gib=total)
     except (ImportError, RuntimeError):
         pass
-    model, layout, runtime, _ = settings_from_run_config(cfg, world_size)
+    model, layout, runtime, _, moe = settings_from_run_config(cfg, world_size)
     usable = int((device.memory_gib - 2) * GIB)
-    plan = plan_for(model, layout, runtime, device, memory_bytes=usable)
+    plan = plan_for(model, layout, runtime, device, memory_bytes=usable, moe=moe)
     return f"# megalite-plan{note}\n" + format_plan(plan, device)
 
 
@@ -167,7 +167,11 @@ def run(settings: dict, args: argparse.Namespace) -> int:
     from megalite.training.arguments import config_from_settings
 
     tp = settings.get("tensor_model_parallel_size", 1)
-    num_gpus = args.num_gpus or tp * settings.get("pipeline_model_parallel_size", 1)
+    num_gpus = args.num_gpus or (
+        tp
+        * settings.get("pipeline_model_parallel_size", 1)
+        * settings.get("context_parallel_size", 1)
+    )
     if num_gpus < 1 or args.gpus_per_node < 1:
         raise ValueError(
             f"--num-gpus {num_gpus} and --gpus-per-node {args.gpus_per_node} must be >= 1"
@@ -179,19 +183,21 @@ def run(settings: dict, args: argparse.Namespace) -> int:
             raise ValueError("--search needs --global-batch-size (it is kept fixed)")
         # The layout is searched: keep the model and run settings, checked as a one-rank run.
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                    "num_layers_per_virtual_pipeline_stage", "sequence_parallel"):  # fmt: skip
+                    "num_layers_per_virtual_pipeline_stage", "sequence_parallel",
+                    "context_parallel_size", "cp_comm_type", "expert_model_parallel_size",
+                    "expert_tensor_parallel_size"):  # fmt: skip
             settings.pop(key, None)
         settings["global_batch_size"] = settings["micro_batch_size"]
-        config, _, runtime, _ = settings_from_run_config(config_from_settings(settings), 1)
-        result = search(config, runtime, device, num_gpus, args.gpus_per_node, gbs, usable)
+        config, _, runtime, _, moe = settings_from_run_config(config_from_settings(settings), 1)
+        result = search(config, runtime, device, num_gpus, args.gpus_per_node, gbs, usable, moe=moe)
         if args.json:
             print(json.dumps(result.to_json(args.top), indent=1))
         else:
             print(format_search(result, device, args.top))
         return 0 if result.plans else 1
     cfg = config_from_settings(settings)
-    config, layout, runtime, _ = settings_from_run_config(cfg, num_gpus)
-    plan = plan_for(config, layout, runtime, device, args.gpus_per_node, usable)
+    config, layout, runtime, _, moe = settings_from_run_config(cfg, num_gpus)
+    plan = plan_for(config, layout, runtime, device, args.gpus_per_node, usable, moe=moe)
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
     else:

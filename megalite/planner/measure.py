@@ -157,6 +157,16 @@ class MeasureSpec:
     bucket_size: Optional[int] = None
     steps: int = 3
     timed_steps: int = 0
+    cp: int = 1  # --context-parallel-size
+    cp_comm_type: str = "p2p"
+    num_experts: Optional[int] = None  # --num-experts (MoE)
+    topk: int = 2  # --moe-router-topk
+    ep: int = 1  # --expert-model-parallel-size
+    etp: Optional[int] = None  # --expert-tensor-parallel-size (None: TP)
+    dispatcher: str = "alltoall"  # --moe-token-dispatcher-type
+    moe_ffn_hidden_size: Optional[int] = None
+    shared_expert_size: Optional[int] = None  # --moe-shared-expert-intermediate-size
+    moe_layer_freq: int = 1
 
     @property
     def name(self) -> str:
@@ -174,7 +184,35 @@ class MeasureSpec:
             parts.append(f"gqa{self.num_query_groups}")
         if self.hidden_dropout or self.attention_dropout:
             parts.append("drop")
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}{self.cp_comm_type}")
+        if self.num_experts:
+            parts.append(f"moe{self.num_experts}k{self.topk}-ep{self.ep}")
+            if self.etp is not None:
+                parts.append(f"etp{self.etp}")
+            parts.append(self.dispatcher[:6])
+            if self.shared_expert_size:
+                parts.append(f"shared{self.shared_expert_size}")
+            if self.moe_layer_freq > 1:
+                parts.append(f"freq{self.moe_layer_freq}")
         return "-".join(parts)
+
+    def moe_config(self):
+        """The MoE settings (None for a dense model)."""
+        from megalite.moe import MoEConfig
+
+        if not self.num_experts:
+            return None
+        return MoEConfig(
+            num_experts=self.num_experts,
+            moe_router_topk=self.topk,
+            expert_model_parallel_size=self.ep,
+            expert_tensor_parallel_size=self.etp,
+            moe_token_dispatcher_type=self.dispatcher,
+            moe_ffn_hidden_size=self.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=self.shared_expert_size,
+            moe_layer_freq=self.moe_layer_freq,
+        )
 
     def model_config(self):
         from megalite.model.config import GPTConfig
@@ -199,6 +237,8 @@ class MeasureSpec:
             tensor_model_parallel_size=self.tp,
             pipeline_model_parallel_size=self.pp,
             num_layers_per_virtual_pipeline_stage=self.vp_layers,
+            context_parallel_size=self.cp,
+            cp_comm_type=self.cp_comm_type,
         )
 
     def to_dict(self) -> dict:
@@ -211,9 +251,12 @@ def measure_layout(spec: MeasureSpec, seed: int = 1234) -> dict:
     Returns ``{"rank", "pp_rank", "tp_rank", "dp_rank", "peak_bytes", "step_time_s"}``; the peak
     covers the training steps (model building excluded), step time the `timed_steps` after them.
     """
+    import functools
+
     import torch.distributed as dist
 
     from megalite import parallel_state as ps
+    from megalite.context_parallel import split_batch
     from megalite.data_parallel.ddp import DistributedDataParallel
     from megalite.data_parallel.finalize import finalize_model_grads
     from megalite.data_parallel.optimizer import OptimizerConfig, build_optimizer
@@ -228,9 +271,13 @@ def measure_layout(spec: MeasureSpec, seed: int = 1234) -> dict:
     )
     config = spec.model_config()
     vp = config.virtual_pipeline_size if spec.vp_layers else None
-    ps.initialize_model_parallel(spec.tp, spec.pp, virtual_pipeline_model_parallel_size=vp)
+    ps.initialize_model_parallel(
+        spec.tp, spec.pp, virtual_pipeline_model_parallel_size=vp, context_parallel_size=spec.cp,
+        expert_model_parallel_size=spec.ep, expert_tensor_parallel_size=spec.etp,
+    )  # fmt: skip
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    model_parallel_manual_seed(seed, tp_rank, pp_rank)
+    cp_rank = ps.get_context_parallel_rank()
+    model_parallel_manual_seed(seed + 7919 * cp_rank, tp_rank, pp_rank)  # the trainer's seeds
     b, s, m = spec.micro_batch_size, spec.seq_length, spec.num_microbatches
 
     def batches():
@@ -238,7 +285,9 @@ def measure_layout(spec: MeasureSpec, seed: int = 1234) -> dict:
         gen = torch.Generator().manual_seed(seed + ps.get_data_parallel_rank())
         for _ in range(m):
             tokens = torch.randint(0, spec.vocab_size, (b, s + 1), generator=gen).to(device)
-            yield {"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}
+            batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}
+            # CP: each rank keeps its load-balanced part of every sequence (the trainer's split)
+            yield split_batch(batch, spec.cp, cp_rank) if spec.cp > 1 else batch
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -263,16 +312,22 @@ def measure_layout(spec: MeasureSpec, seed: int = 1234) -> dict:
         for name in ("materialize", "release")
     ]
     with AllocationTracker(device) as tracker, resize_hooks[0], resize_hooks[1]:
-        chunks = build_model(config, seed, device=device)
+        chunks = build_model(config, seed, device=device, moe=spec.moe_config())
+        # As the trainer's engine: gradients reduced (and ZeRO-sharded) over DP x CP, expert
+        # gradients over expert-DP.
         chunks = [
             DistributedDataParallel(
-                c, ps.get_data_parallel_group(), spec.bucket_size, False, spec.zero_stage
+                c, ps.get_data_parallel_group(with_context_parallel=True), spec.bucket_size,
+                False, spec.zero_stage,
+                expert_data_parallel_group=ps.get_expert_data_parallel_group(),
             )
             for c in chunks
-        ]
+        ]  # fmt: skip
+        groups = ps.get_model_parallel_groups()
         optimizer = build_optimizer(
-            OptimizerConfig(lr=1e-4, zero_stage=spec.zero_stage, bf16=spec.bf16), chunks
+            OptimizerConfig(lr=1e-4, zero_stage=spec.zero_stage, bf16=spec.bf16), chunks, groups
         )
+        finalize = functools.partial(finalize_model_grads, groups=groups)
         fb = get_forward_backward_func(spec.pp, len(chunks))
         shape = pipeline_tensor_shape(config, b)
 
@@ -287,7 +342,7 @@ def measure_layout(spec: MeasureSpec, seed: int = 1234) -> dict:
                 forward_step, data, chunks if len(chunks) > 1 else chunks[0], m,
                 tensor_shape=shape, dtype=config.params_dtype,
                 no_sync_func=[c.no_sync for c in chunks],
-                finalize_model_grads_func=finalize_model_grads,
+                finalize_model_grads_func=finalize,
             )  # fmt: skip
             optimizer.step()
 

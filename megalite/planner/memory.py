@@ -14,15 +14,11 @@ bucket's padding, and DP rank 0 is the largest):
   DeepSpeed stages follow its own estimator: 16-bit params, 16-bit grads (stage 1: full, 2/3:
   sharded) plus an fp32 grad partition, 12 bytes/param of optimizer state, sharded.
 
-Activations: what autograd keeps for backward, per micro-batch, op by op for megalite's layer
-(pre-norm attention + MLP), in units of one token ``[1, 1, h]`` (``s*b`` tokens per
-micro-batch, ``/tp`` inside the TP block, ``/tp`` outside it too under sequence parallelism):
+Dense gradient buckets are reduced and sharded over DP x CP (the CP ranks hold the same
+weights), expert buckets (MoE) over expert-DP = TP x CP x DP / (EP x ETP).
 
-    layer input h/sp, norm stats, QKV input h (all-gathered under SP), QKV 3h/tp (+2h/tp for
-    RoPE on MHA), attention out h/tp, flash log-sum-exp n/tp (fp32), attention residual h/sp,
-    MLP input h, MLP 2f/tp (GeLU: input and output; SwiGLU 4f/tp), dropout masks 2h/sp
-    (CPU math attention with attention dropout: 2h/tp + 3ns/tp more, the s x s scores)
-
+Activations (`megalite.planner.activations`): what autograd keeps for backward, per
+micro-batch, op by op for megalite's layer (dense, context-parallel attention, MoE).
 Selective recompute drops what the core attention saves beyond its inputs; full recompute keeps
 only the layer input (and rebuilds one layer's activations at a time in backward). The first
 stage adds the token ids, the last the final norm, the logits' fp32 softmax (``4 V/tp`` bytes a
@@ -38,8 +34,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megalite.model.config import GPTConfig
-from megalite.planner.counts import Param, stage_params
-from megalite.planner.layout import Layout, Runtime
+from megalite.planner.activations import ActivationModel, activation_model  # noqa: F401 (re-export)
+from megalite.planner.counts import Param, is_moe, stage_params
+from megalite.planner.layout import Layout, Runtime, moe_key
 
 
 @dataclass
@@ -65,20 +62,22 @@ class RankMemory:
 
 # --- model states ------------------------------------------------------------------------------
 def buckets(params: list[Param], bucket_size: int) -> list[list[Param]]:
-    """DDP's buckets for one chunk (`DistributedDataParallel._build_buckets`)."""
+    """DDP's buckets for one chunk (`DistributedDataParallel._build_buckets`): dense ones first,
+    then expert ones; each kind's non-deferred before its deferred."""
     out = []
-    for deferred in (False, True):
-        current, size = [], 0
-        for p in reversed(params):
-            if p.deferred != deferred:
-                continue
-            current.append(p)
-            size += p.numel
-            if size >= bucket_size:
+    for expert in (False, True):
+        for deferred in (False, True):
+            current, size = [], 0
+            for p in reversed(params):
+                if p.deferred != deferred or p.expert != expert:
+                    continue
+                current.append(p)
+                size += p.numel
+                if size >= bucket_size:
+                    out.append(current)
+                    current, size = [], 0
+            if current:
                 out.append(current)
-                current, size = [], 0
-        if current:
-            out.append(current)
     return out
 
 
@@ -94,16 +93,18 @@ class ModelStates:
 
 
 def megalite_states(chunks: list[list[Param]], layout: Layout, runtime: Runtime) -> ModelStates:
-    """Model states of DP rank 0 under megalite's DDP + (distributed) optimizer."""
-    dp, zero, dtype = layout.dp, layout.zero_stage, runtime.dtype_bytes
+    """Model states of DP rank 0 under megalite's DDP + (distributed) optimizer. Dense buckets
+    are reduced and sharded over DP x CP, expert buckets over expert-DP."""
+    zero, dtype = layout.zero_stage, runtime.dtype_bytes
     cpu = runtime.device_kind == "cpu"
     n = sum(p.numel for c in chunks for p in c)
     full = shard = owned = pieces = max_piece = max_bucket = 0
     for chunk in chunks:
         for bucket in buckets(chunk, runtime.bucket_size):
+            dp = layout.expert_dp if bucket[0].expert else layout.grad_dp
             real = sum(p.numel for p in bucket)
             padded = -(-real // dp) * dp
-            full, max_bucket = full + padded, max(max_bucket, padded)
+            full, max_bucket = full + padded, max(max_bucket, padded + padded // dp)
             size = padded // dp if zero > 0 else padded
             shard += padded // dp
             owned += min(size, real)
@@ -119,7 +120,7 @@ def megalite_states(chunks: list[list[Param]], layout: Layout, runtime: Runtime)
     # AdamW: torch's single-tensor loop (CPU) makes two temporaries of one piece; the foreach
     # path (CUDA) one temporary list the size of every piece. ZeRO 1/2 then gather each bucket.
     adam = 2 * 4 * max_piece if cpu else 4 * owned
-    gather = (max_bucket + max_bucket // dp) * dtype if zero > 0 else 0
+    gather = max_bucket * dtype if zero > 0 else 0
     largest = max((p.numel for c in chunks for p in c if p.ndim > 1), default=0)
     return ModelStates(n, n * dtype, grads, grads_at_step, opt, max(adam, gather), largest)
 
@@ -129,7 +130,7 @@ def deepspeed_states(chunks: list[list[Param]], layout: Layout, runtime: Runtime
     them (no offload): 16-bit params (stage 3: sharded + the largest layer gathered with its
     grads), 16-bit grads (stage 1 whole, 2 sharded), an fp32 grad partition, and 12 B/param of
     Adam moments + fp32 master, sharded."""
-    dp, stage, dtype = layout.dp, layout.deepspeed_stage, runtime.dtype_bytes
+    dp, stage, dtype = layout.grad_dp, layout.deepspeed_stage, runtime.dtype_bytes
     n = sum(p.numel for c in chunks for p in c)
     per = -(-n // dp)
     largest = max((p.numel for c in chunks for p in c if p.ndim > 1), default=0)
@@ -140,78 +141,6 @@ def deepspeed_states(chunks: list[list[Param]], layout: Layout, runtime: Runtime
     opt = per * (12 if dtype < 4 else 8)
     gathered = 2 * largest * dtype if stage == 3 else 0  # the layer's params + grads, gathered
     return ModelStates(n, params + gathered, grads, grads, opt, 0, largest)
-
-
-# --- activations -------------------------------------------------------------------------------
-@dataclass
-class ActivationModel:
-    """Bytes per micro-batch of one layer, of the first stage's extras and of the head."""
-
-    layer: int
-    layer_full_rebuild: int  # one layer's saved activations when rebuilt under full recompute
-    embedding: int
-    head: int
-    logits_forward: int  # transient of the loss forward beyond `head`
-    logits_backward: int  # transient of the loss backward beyond `head`
-    layer_backward: int  # transient of a layer's backward (grads in flight)
-
-
-def activation_model(config: GPTConfig, layout: Layout, runtime: Runtime) -> ActivationModel:
-    c, B = config, runtime.dtype_bytes
-    s, b = c.seq_length, layout.micro_batch_size
-    tokens = s * b
-    h, t = c.hidden_size, layout.tp
-    sp = t if c.sequence_parallel else 1
-    n, g, f = c.num_attention_heads, c.num_query_groups, c.ffn_hidden_size
-    nd = n * c.head_dim  # query channels (= h unless --kv-channels says otherwise)
-    V = c.padded_vocab_size
-    cpu = runtime.device_kind == "cpu"
-    mask = B if cpu else 1  # dropout keeps a mask of the input's dtype on CPU, bool on CUDA
-    norm = 2 * 4 / sp if c.normalization == "LayerNorm" else (h * B + 4) / sp  # per norm
-
-    def saved(mode: str) -> float:
-        if mode == "full":
-            return h * B / sp
-        mha_rope = c.position_embedding_type == "rope" and g == n
-        # MHA: the fused QKV output stays (v is a view of it); GQA: q and the key/value heads
-        # repeated to n are kept instead, 3 n d either way. RoPE on MHA adds rotated q and k.
-        qkv = 3 * nd / t + (2 * nd / t if mha_rope else 0)
-        math = cpu and c.attention_dropout > 0  # torch's CPU flash kernel has no dropout
-        if mode == "selective":
-            core = 0.0  # recomputed: only its q, k, v inputs stay
-        elif math:
-            core = (2 * nd / t + 3 * n * s / t) * B
-        else:
-            core = n / t * 4  # flash attention's log-sum-exp, fp32
-        mlp = (4 if c.activation == "swiglu" else 2) * f / t
-        drop = 2 * h / sp * mask if c.hidden_dropout > 0 else 0
-        return (h / sp + h + qkv + nd / t + h / sp + h + mlp) * B + core + drop + 2 * norm
-
-    layer = saved(c.recompute_granularity)
-    # Token ids: a view of the batch at TP=1 (the embedding keeps it), local ids + mask at TP>1.
-    embedding = (b * (s + 1) * 8 if t == 1 else tokens * 9) + (
-        tokens * h / sp * mask if c.hidden_dropout > 0 else 0
-    )
-    head = tokens * ((h / sp + h) * B + norm + 4 * V / t + 8 + 1 + 1)
-    padded = c.padded_vocab_size > c.vocab_size
-    # Loss forward: the masked logits, their fp32 shift and exp (the softmax not yet saved).
-    logits_fwd = tokens * V / t * (B + 8 + (4 if B < 4 else 0)) - tokens * 4 * V / t
-    # Loss backward: the gradient of the padded logits (and its cast), then the output layer's
-    # weight gradient.
-    logits_bwd = tokens * V / t * ((B if padded else 0) + (B if B < 4 else 0)) + V // t * h * B
-    f_eff = f * (2 if c.activation == "swiglu" else 1)
-    # A layer's backward starts at the MLP: the incoming gradient (all-gathered under SP) and
-    # the gradient of the MLP's wide activation; its weight gradient is added by the caller.
-    layer_bwd = tokens * B * (h / sp + (h if sp > 1 else 0) + f_eff / t)
-    return ActivationModel(
-        layer=int(layer * tokens),
-        layer_full_rebuild=int(saved("none") * tokens),
-        embedding=int(embedding),
-        head=int(head),
-        logits_forward=int(logits_fwd),
-        logits_backward=int(logits_bwd),
-        layer_backward=int(layer_bwd),
-    )
 
 
 def inflight(layout: Layout, pp_rank: int) -> list[int]:
@@ -231,28 +160,35 @@ def inflight(layout: Layout, pp_rank: int) -> list[int]:
 _STATES: dict[tuple, ModelStates] = {}
 
 
-def _states(config: GPTConfig, layout: Layout, runtime: Runtime, pp_rank: int) -> ModelStates:
+def _states(
+    config: GPTConfig, layout: Layout, runtime: Runtime, pp_rank: int, moe=None
+) -> ModelStates:
     """Model states of a stage, cached on what they depend on (a search varies the rest)."""
     key = (tuple(getattr(config, f.name) for f in dataclasses.fields(config)), pp_rank,
-           layout.dp, layout.zero_stage, layout.deepspeed_stage, runtime)  # fmt: skip
+           layout.grad_dp, layout.expert_dp, layout.zero_stage, layout.deepspeed_stage, runtime,
+           moe_key(moe))  # fmt: skip
     if key not in _STATES:
-        chunks = stage_params(config, pp_rank)
+        chunks = stage_params(config, pp_rank, moe)
         build = deepspeed_states if layout.deepspeed_stage else megalite_states
         _STATES[key] = build(chunks, layout, runtime)
     return _STATES[key]
 
 
 # --- one rank ----------------------------------------------------------------------------------
-def rank_memory(config: GPTConfig, layout: Layout, runtime: Runtime, pp_rank: int) -> RankMemory:
-    """Peak bytes of pipeline stage `pp_rank` (config already split for `layout`)."""
-    states = _states(config, layout, runtime, pp_rank)
-    act = activation_model(config, layout, runtime)
+def rank_memory(
+    config: GPTConfig, layout: Layout, runtime: Runtime, pp_rank: int, moe=None
+) -> RankMemory:
+    """Peak bytes of pipeline stage `pp_rank` (config already split for `layout`; `moe` the
+    MoE settings split for it, or None)."""
+    states = _states(config, layout, runtime, pp_rank, moe)
+    act = activation_model(config, layout, runtime, moe)
     p, v, B = layout.pp, layout.vp, runtime.dtype_bytes
     first, last = pp_rank == 0, pp_rank == p - 1
-    layers = [len(config.layers_of_chunk(pp_rank, c)) for c in range(v)]
+    kinds = [[is_moe(moe, i, config.num_layers) for i in config.layers_of_chunk(pp_rank, c)]
+             for c in range(v)]  # fmt: skip
 
     def chunk_bytes(c: int) -> int:
-        total = layers[c] * act.layer
+        total = sum(act.of_layer(k) for k in kinds[c])
         total += act.embedding if first and c == 0 else 0
         total += act.head if last and c == v - 1 else 0
         return total
@@ -263,16 +199,22 @@ def rank_memory(config: GPTConfig, layout: Layout, runtime: Runtime, pp_rank: in
     static = states.param_bytes + states.optimizer_bytes
     bwd = static + states.grad_bytes
     fwd = static + (states.grad_bytes_at_step if zero2 else states.grad_bytes)
-    rebuild = act.layer_full_rebuild if config.recompute_granularity == "full" else 0
+    rebuild = 0
+    if config.recompute_granularity == "full":
+        any_moe = any(k for ks in kinds for k in ks)
+        rebuild = max(act.layer_full_rebuild, act.moe_layer_full_rebuild if any_moe else 0)
     # The layers' backward runs after the loss's: that micro-batch's head activations are gone.
     head_done = act.head if last else 0
+    # The first backward walks the last chunk's layers in reverse: a layer's transient (the
+    # MLP's gradients, an MoE layer's dispatcher gradients) meets what the layers after it
+    # have already freed (their activations, unless full recompute keeps only the inputs).
+    transient, freed = 0, 0
+    for moe_layer in reversed(kinds[-1]):
+        grads = act.moe_layer_backward if moe_layer else act.layer_backward
+        transient = max(transient, grads - freed)
+        freed += act.of_layer(moe_layer) if config.recompute_granularity != "full" else 0
     candidates = {
-        "backward": bwd
-        + held
-        - head_done
-        + act.layer_backward
-        + rebuild
-        + states.largest_weight * B,
+        "backward": bwd + held - head_done + transient + rebuild + states.largest_weight * B,
         "optimizer step": static + states.grad_bytes_at_step + states.optimizer_transient,
     }
     if last:
@@ -316,9 +258,13 @@ def rank_memory(config: GPTConfig, layout: Layout, runtime: Runtime, pp_rank: in
 
 
 def plan_memory(
-    config: GPTConfig, layout: Layout, runtime: Runtime, stages: Optional[list[int]] = None
+    config: GPTConfig,
+    layout: Layout,
+    runtime: Runtime,
+    stages: Optional[list[int]] = None,
+    moe=None,
 ) -> list[RankMemory]:
     """One `RankMemory` per pipeline stage, or per stage in `stages` (config already split
-    for `layout`)."""
+    for `layout`, `moe` by `layout.apply_moe`)."""
     wanted = range(layout.pp) if stages is None else stages
-    return [rank_memory(config, layout, runtime, r) for r in wanted]
+    return [rank_memory(config, layout, runtime, r, moe) for r in wanted]

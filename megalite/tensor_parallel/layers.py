@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalite.tensor_parallel.mappings import (
+    _gather_first,
+    _reduce_scatter_first,
     copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
@@ -86,15 +87,46 @@ def _zero_bias(
     return bias
 
 
+class _SequenceParallelLinear(torch.autograd.Function):
+    """``[s/tp, b, in]`` -> all-gather the sequence -> ``F.linear`` -> ``[s, b, out/tp]``.
+
+    Forward keeps only the local shard of the input (and the weight), not the gathered
+    ``[s, b, in]``: backward all-gathers the input again for the weight gradient and
+    reduce-scatters the input gradient, as Megatron's linear with sequence parallelism does.
+    One more all-gather per backward buys 1/tp of the linear's saved input.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(_gather_first(x, group), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = _reduce_scatter_first(grad.matmul(weight), ctx.group)
+        grad_weight = grad_bias = None
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            total = _gather_first(x, ctx.group)
+            grad_weight = rows.t().matmul(total.reshape(-1, total.shape[-1]))
+            del total
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias, None
+
+
 class ColumnParallelLinear(nn.Module):
     """``Y = X A^T + b`` with ``A`` split along its output dim: ``[s, b, in] -> [s, b, out/tp]``.
 
     Weight shard ``[out/tp, in]`` (partition_dim 0), bias shard ``[out/tp]``. With
     `gather_output` the output is all-gathered to ``[s, b, out]``. With `sequence_parallel` the
     input is ``[s/tp, b, in]`` and is all-gathered along the sequence first (its gradient is
-    reduce-scattered back). `partition_stride` k: the full weight is k equal blocks along the
-    output dim (e.g. SwiGLU's ``[gate; up]``) and each rank holds its piece of every block, so
-    its output is ``[gate_shard, up_shard]``.
+    reduce-scattered back); only the local shard is kept for backward, which gathers it again.
+    `partition_stride` k: the full weight is k equal blocks along the output dim (e.g. SwiGLU's
+    ``[gate; up]``) and each rank holds its piece of every block, so its output is
+    ``[gate_shard, up_shard]``.
 
     `skip_weight_param_allocation`: no weight parameter; `forward(x, weight)` must pass one of
     shape ``[out/tp, in]`` (tied output layer using the word embedding's shard).
@@ -163,12 +195,11 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError(
                 f"ColumnParallelLinear: weight shape {tuple(weight.shape)} != expected {expected}"
             )
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, self.group, True)
-        else:
-            x = copy_to_tensor_model_parallel_region(x, self.group)
         bias = self.bias if not self.skip_bias_add else None
-        out = F.linear(x, weight, bias)
+        if self.sequence_parallel:
+            out = _SequenceParallelLinear.apply(x, weight, bias, self.group)
+        else:
+            out = F.linear(copy_to_tensor_model_parallel_region(x, self.group), weight, bias)
         if self.gather_output:
             out = gather_from_tensor_model_parallel_region(out, self.group)
         return out, (self.bias if self.skip_bias_add else None)
