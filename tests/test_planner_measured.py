@@ -74,8 +74,11 @@ def _saved_by_column_linear(sp: bool) -> list:
     x = torch.randn(6 if sp else 12, 2, 8, requires_grad=True)
     shapes = []
 
+    params = {q.untyped_storage().data_ptr() for q in layer.parameters()}
+
     def pack(t):
-        if t.data_ptr() != layer.weight.data_ptr():  # the input, however autograd views it
+        # the input, however autograd views it (not the weight or bias, which some kernels keep)
+        if t.untyped_storage().data_ptr() not in params:
             shapes.append(t.numel())
         return t
 

@@ -183,6 +183,7 @@ PINNED_FLAGS = """
 --moe-grouped-gemm --moe-per-layer-logging --moe-router-dtype --moe-permute-fusion
 --expert-model-parallel-size --expert-tensor-parallel-size
 --async-save --exit-signal-handler --exit-signal --exit-duration-in-mins
+--add-qkv-bias --moe-shared-expert-gate --no-position-embedding
 """.split()
 
 
