@@ -16,7 +16,6 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
-from torch.testing import assert_close
 
 from megalite import parallel_state as ps
 from megalite.context_parallel import split
@@ -27,13 +26,12 @@ from megalite.data_parallel import (
     finalize_model_grads,
 )
 from megalite.model import GPTConfig, build_model, pipeline_tensor_shape
-from megalite.model.gpt import WORD_EMBEDDING
 from megalite.moe import MoEConfig
 from megalite.moe import training as moe_training
 from megalite.pipeline_parallel import get_forward_backward_func
 from tests.harness import run_distributed
-from tests.test_dp_gpt import BASE, CLIP, LR, MB, SEED, WD, M, _forward_step, batches, tp_shard
-from tests.test_moe_model import MOE, STEPS, expert_shard, serial
+from tests.test_dp_gpt import BASE, CLIP, LR, MB, SEED, WD, M, _forward_step, batches
+from tests.test_moe_model import MOE, STEPS, assert_matches_serial, serial
 
 
 def _train(tp=1, pp=1, cp=2, ep=2, etp=1, zero=0, comm="p2p", moe=None, **kw):
@@ -77,16 +75,7 @@ def _train(tp=1, pp=1, cp=2, ep=2, etp=1, zero=0, comm="p2p", moe=None, **kw):
             dist.all_reduce(loss, group=dp_cp)
             losses.append(loss.item() / dist.get_world_size(dp_cp))
     tag = f"{tp=} {pp=} {cp=} {ep=} {etp=} {zero=} {comm=} {moe} {kw}"
-    assert_close(torch.tensor(norms), torch.tensor(ref_norms), msg=lambda m: f"norms {tag}: {m}")
-    if losses:
-        assert_close(torch.tensor(losses), torch.tensor(ref_losses), msg=f"losses {tag}")
-    for chunk in chunks:
-        for name, p in chunk.module.named_parameters():
-            tied = not cfg.untie_embeddings_and_output_weights
-            ref = ref_params[WORD_EMBEDDING if tied and name == "output_layer.weight" else name]
-            want = expert_shard(ref.detach(), p) if getattr(p, "expert", False) else tp_shard(
-                ref.detach(), p)  # fmt: skip
-            assert_close(p.detach(), want, rtol=1e-4, atol=1e-4, msg=lambda e, n=name: f"{n}: {e}")
+    assert_matches_serial(cfg, chunks, (losses, norms), (ref_losses, ref_norms, ref_params), tag)
     return len(losses)
 
 
@@ -121,7 +110,7 @@ def test_moe_with_context_parallel_matches_one_process():
 def test_moe_pretrain_with_context_parallel_matches_one_process(tmp_path):
     """`megalite-pretrain` at CP2 x DP2 with EP2 (and CP2 x TP2 + SP with EP2, all-to-all
     dispatch): 8 iterations equal one process on lm_loss, grad norm, aux and z-loss."""
-    from tests.test_moe_e2e import KEYS, _run
+    from tests.test_moe_e2e import _run, assert_metrics_equal
 
     ref = _run(1, "", tmp_path / "ref.jsonl")
     layouts = [
@@ -130,8 +119,4 @@ def test_moe_pretrain_with_context_parallel_matches_one_process(tmp_path):
         "--expert-model-parallel-size 2 --moe-token-dispatcher-type alltoall",
     ]
     for i, layout in enumerate(layouts):
-        got = _run(4, layout, tmp_path / f"l{i}.jsonl")
-        for key in KEYS:
-            want = torch.tensor([r[key] for r in ref])
-            got_k = torch.tensor([r[key] for r in got])
-            assert_close(got_k, want, rtol=1e-5, atol=1e-7, msg=f"{layout}: {key}")
+        assert_metrics_equal(ref, _run(4, layout, tmp_path / f"l{i}.jsonl"), layout)

@@ -66,6 +66,23 @@ def expert_shard(full: torch.Tensor, p) -> torch.Tensor:
     return torch.cat([blocks[j * etp + t] for j in range(stride)], dim)
 
 
+def assert_matches_serial(cfg: GPTConfig, chunks, got: tuple, ref: tuple, tag: str) -> None:
+    """Grad norms, LM losses (last stage) and every trained weight (this rank's TP / expert
+    shard) equal the serial run's."""
+    (losses, norms), (ref_losses, ref_norms, ref_params) = got, ref
+    assert_close(torch.tensor(norms), torch.tensor(ref_norms), msg=lambda m: f"norms {tag}: {m}")
+    if losses:
+        # the LM loss alone (aux losses are not part of the reported lm_loss)
+        assert_close(torch.tensor(losses), torch.tensor(ref_losses), msg=f"losses {tag}")
+    for chunk in chunks:
+        for name, p in chunk.module.named_parameters():
+            tied = not cfg.untie_embeddings_and_output_weights
+            full = ref_params[WORD_EMBEDDING if tied and name == "output_layer.weight" else name]
+            want = expert_shard(full.detach(), p) if getattr(p, "expert", False) else tp_shard(
+                full.detach(), p)  # fmt: skip
+            assert_close(p.detach(), want, rtol=1e-4, atol=1e-4, msg=lambda e, n=name: f"{n}: {e}")
+
+
 def _run(case: dict):
     case = dict(case)
     tp, pp, ep, etp = case.pop("tp"), case.pop("pp"), case.pop("ep"), case.pop("etp")
@@ -107,17 +124,7 @@ def _run(case: dict):
             dist.all_reduce(loss, group=ps.get_data_parallel_group())
             losses.append(loss.item() / dp)
     tag = f"{tp=} {pp=} {ep=} {etp=} {zero=} {moe_kw} {case}"
-    assert_close(torch.tensor(norms), torch.tensor(ref_norms), msg=lambda m: f"norms {tag}: {m}")
-    if losses:
-        # the LM loss alone (aux losses are not part of the reported lm_loss)
-        assert_close(torch.tensor(losses), torch.tensor(ref_losses), msg=f"losses {tag}")
-    for chunk in chunks:
-        for name, p in chunk.module.named_parameters():
-            tied = not cfg.untie_embeddings_and_output_weights
-            ref = ref_params[WORD_EMBEDDING if tied and name == "output_layer.weight" else name]
-            want = expert_shard(ref.detach(), p) if getattr(p, "expert", False) else tp_shard(
-                ref.detach(), p)  # fmt: skip
-            assert_close(p.detach(), want, rtol=1e-4, atol=1e-4, msg=lambda e, n=name: f"{n}: {e}")
+    assert_matches_serial(cfg, chunks, (losses, norms), (ref_losses, ref_norms, ref_params), tag)
     return losses
 
 
