@@ -147,6 +147,26 @@ def test_imported_checkpoint_trains_with_finetune_only(trained, tmp_path):
         ckpt.optimizer_file(shard, 0, False)
 
 
+def write_checkpoint(root: Path, run, config, model) -> Path:
+    """`model` (one process, TP=PP=1, EP=1) saved through megalite's checkpoint writer as
+    iteration 1 of a run with settings `run`."""
+    settings = {}
+    for section in run.sections().values():
+        settings.update(to_dict(section, cli_only=True))
+    meta = {"settings": settings, "model": to_dict(config), "optimizer_sharded": False,
+            "padded_vocab_size": config.padded_vocab_size, "consumed_train_samples": 0}  # fmt: skip
+    if run.moe.num_experts:
+        meta["expert_layout"] = {"num_experts": run.moe.num_experts,
+                                 "expert_model_parallel_size": 1,
+                                 "expert_tensor_parallel_size": 1}  # fmt: skip
+    ckpt.save_checkpoint(
+        root, 1, coords={"tp": 0, "pp": 0, "dp": 0},
+        model_state=lambda: {"chunk0": model.state_dict()}, optimizer_state=None,
+        optimizer_sharded=False, rng_state={}, meta=meta,
+    )  # fmt: skip
+    return root
+
+
 # --- single-process variants ----------------------------------------------------------------
 def save_model(root: Path, flags: str, tokenizer: list[str] = ()) -> Path:
     """A fresh one-process model saved as a megalite checkpoint (TP=1, PP=1)."""
@@ -158,17 +178,7 @@ def save_model(root: Path, flags: str, tokenizer: list[str] = ()) -> Path:
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
-    settings = {}
-    for section in run.sections().values():
-        settings.update(to_dict(section, cli_only=True))
-    meta = {"settings": settings, "model": to_dict(config), "optimizer_sharded": False,
-            "padded_vocab_size": config.padded_vocab_size, "consumed_train_samples": 0}  # fmt: skip
-    ckpt.save_checkpoint(
-        root, 1, coords={"tp": 0, "pp": 0, "dp": 0},
-        model_state=lambda: {"chunk0": model.state_dict()}, optimizer_state=None,
-        optimizer_sharded=False, rng_state={}, meta=meta,
-    )  # fmt: skip
-    return root
+    return write_checkpoint(root, run, config, model)
 
 
 @pytest.mark.parametrize(

@@ -23,9 +23,9 @@ from megalite.checkpoint.hf_io import export_hf, import_hf, pretrain_flags  # no
 from megalite.checkpoint.layout import config_from_meta  # noqa: E402
 from megalite.checkpoint.reshard import load_full_model  # noqa: E402
 from megalite.checkpoint.reshard_experts import moe_settings  # noqa: E402
-from megalite.config.fields import to_dict  # noqa: E402
 from megalite.model import build_model  # noqa: E402
 from megalite.training.arguments import resolved_config  # noqa: E402
+from tests.test_hf import write_checkpoint  # noqa: E402
 
 VOCAB = 50  # pads to 64
 COMMON = (
@@ -51,19 +51,7 @@ def save_model(root: Path, flags: str) -> Path:
             if p.dim() == 1:
                 g = torch.Generator().manual_seed(len(name))
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
-    settings = {}
-    for section in run.sections().values():
-        settings.update(to_dict(section, cli_only=True))
-    meta = {"settings": settings, "model": to_dict(config), "optimizer_sharded": False,
-            "padded_vocab_size": config.padded_vocab_size, "consumed_train_samples": 0,
-            "expert_layout": {"num_experts": 4, "expert_model_parallel_size": 1,
-                              "expert_tensor_parallel_size": 1}}  # fmt: skip
-    ckpt.save_checkpoint(
-        root, 1, coords={"tp": 0, "pp": 0, "dp": 0},
-        model_state=lambda: {"chunk0": model.state_dict()}, optimizer_state=None,
-        optimizer_sharded=False, rng_state={}, meta=meta,
-    )  # fmt: skip
-    return root
+    return write_checkpoint(root, run, config, model)
 
 
 def megalite_model(load: Path):

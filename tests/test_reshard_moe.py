@@ -166,27 +166,15 @@ def test_expert_reshard_round_trip_and_refusals(trained, tmp_path):
 
 def _one_process_moe_checkpoint(root: Path) -> Path:
     """A fresh one-process MoE model (EP1) saved through megalite's checkpoint writer."""
-    from megalite.config.fields import to_dict
     from megalite.model import build_model
     from megalite.training.arguments import resolved_config
+    from tests.test_hf import write_checkpoint
 
     flags = "--mock-data --micro-batch-size 2 --train-iters 1 --lr 1e-3"
     run = resolved_config(MODEL + flags.split(), 1)
     config = run.model_config(64)
     (model,) = build_model(config, 5, use_parallel_state=False, moe=run.moe)
-    settings = {}
-    for section in run.sections().values():
-        settings.update(to_dict(section, cli_only=True))
-    meta = {"settings": settings, "model": to_dict(config), "optimizer_sharded": False,
-            "padded_vocab_size": config.padded_vocab_size, "consumed_train_samples": 0,
-            "expert_layout": {"num_experts": 4, "expert_model_parallel_size": 1,
-                              "expert_tensor_parallel_size": 1}}  # fmt: skip
-    ckpt.save_checkpoint(
-        root, 1, coords={"tp": 0, "pp": 0, "dp": 0},
-        model_state=lambda: {"chunk0": model.state_dict()}, optimizer_state=None,
-        optimizer_sharded=False, rng_state={}, meta=meta,
-    )  # fmt: skip
-    return root
+    return write_checkpoint(root, run, config, model)
 
 
 def test_reshard_cli_splits_experts_and_refuses_what_does_not_fit(tmp_path, capsys):
