@@ -153,30 +153,7 @@ class Source:
         """Put the ZeRO pieces of every DP rank's optimizer file back into whole TP shards
         (MoE without ZeRO: every DP rank's file repeats the dense state, any copy will do)."""
         files = sorted(shard.glob("optim_dp*.pt"))
-        flat = {
-            n: {k: torch.zeros(w.numel(), dtype=torch.float32) for k in MOMENTS}
-            for n, w in weights.items()
-        }
-        covered = {n: torch.zeros(w.numel(), dtype=torch.bool) for n, w in weights.items()}
-        steps: dict[str, torch.Tensor] = {}
-        for path in files:
-            state = read_lazy(path)
-            index = state.get("state_index") or _rebuild_state_index(state, every)
-            for i, (_, name, start, end) in enumerate(state["pieces"]):
-                if name not in weights:
-                    continue
-                main = state["main_params"][i]
-                if main is None:  # fp32 model: the main piece was the parameter itself
-                    main = weights[name].reshape(-1)[start:end]
-                adam = state["optimizer"]["state"].get(index[i])
-                if adam is None:  # saved before the first step: torch's fresh state is zeros
-                    adam = {"exp_avg": 0.0, "exp_avg_sq": 0.0, "step": torch.tensor(0.0)}
-                flat[name]["main"][start:end] = main.float()
-                flat[name]["exp_avg"][start:end] = adam["exp_avg"]
-                flat[name]["exp_avg_sq"][start:end] = adam["exp_avg_sq"]
-                steps[name] = torch.as_tensor(adam["step"], dtype=torch.float32).reshape(())
-                covered[name][start:end] = True
-            del state
+        moments, steps, covered = gather_zero_pieces([(p, every) for p in files], weights)
         for name, w in weights.items():
             if not bool(covered[name].all()):
                 raise ReshardError(
@@ -184,8 +161,40 @@ class Source:
                     f"{int(covered[name].sum())} of {w.numel()} elements of {name} (a DP rank's "
                     "file is missing?)"
                 )
-            entry[name].update({k: flat[name][k].view(w.shape) for k in MOMENTS})
+            entry[name].update({k: moments[name][k].view(w.shape) for k in MOMENTS})
             entry[name]["step"] = steps[name]
+
+
+def gather_zero_pieces(files: list[tuple[Path, dict]], weights: dict[str, torch.Tensor]):
+    """The flat fp32 main weights and Adam moments of `weights` put back together from the ZeRO
+    pieces in optimizer `files` (each with the shard's full parameter dict, for files saved
+    before ``state_index``). Returns (moments, steps, covered): per name, the flat ``main`` /
+    ``exp_avg`` / ``exp_avg_sq``, Adam's step, and which elements some piece held."""
+    flat = {
+        n: {k: torch.zeros(w.numel(), dtype=torch.float32) for k in MOMENTS}
+        for n, w in weights.items()
+    }
+    covered = {n: torch.zeros(w.numel(), dtype=torch.bool) for n, w in weights.items()}
+    steps: dict[str, torch.Tensor] = {}
+    for path, every in files:
+        state = read_lazy(path)
+        index = state.get("state_index") or _rebuild_state_index(state, every)
+        for i, (_, name, start, end) in enumerate(state["pieces"]):
+            if name not in weights:
+                continue
+            main = state["main_params"][i]
+            if main is None:  # fp32 model: the main piece was the parameter itself
+                main = weights[name].reshape(-1)[start:end]
+            adam = state["optimizer"]["state"].get(index[i])
+            if adam is None:  # saved before the first step: torch's fresh state is zeros
+                adam = {"exp_avg": 0.0, "exp_avg_sq": 0.0, "step": torch.tensor(0.0)}
+            flat[name]["main"][start:end] = main.float()
+            flat[name]["exp_avg"][start:end] = adam["exp_avg"]
+            flat[name]["exp_avg_sq"][start:end] = adam["exp_avg_sq"]
+            steps[name] = torch.as_tensor(adam["step"], dtype=torch.float32).reshape(())
+            covered[name][start:end] = True
+        del state
+    return flat, steps, covered
 
 
 def _rebuild_state_index(state: dict, weights: dict) -> list[int]:

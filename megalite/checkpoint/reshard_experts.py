@@ -219,29 +219,9 @@ def read_experts(
 def _regather_v1(files: list, weights: dict[str, torch.Tensor], folder: Path, coords) -> dict:
     """One (ep, etp)'s expert optimizer state from the ZeRO pieces of its expert-DP ranks'
     files (the same state repeated in several files without ZeRO: any copy will do)."""
-    from megalite.checkpoint.reshard import _rebuild_state_index
+    from megalite.checkpoint.reshard import gather_zero_pieces
 
-    flat = {n: {k: torch.zeros(w.numel()) for k in MOMENTS} for n, w in weights.items()}
-    covered = {n: torch.zeros(w.numel(), dtype=torch.bool) for n, w in weights.items()}
-    steps: dict[str, torch.Tensor] = {}
-    for path, every in files:
-        state = read_lazy(path)
-        index = state.get("state_index") or _rebuild_state_index(state, every)
-        for i, (_, name, start, end) in enumerate(state["pieces"]):
-            if name not in weights:
-                continue
-            main = state["main_params"][i]
-            if main is None:  # fp32 model: the piece was the parameter itself
-                main = weights[name].reshape(-1)[start:end]
-            adam = state["optimizer"]["state"].get(index[i])
-            if adam is None:  # saved before the first step
-                adam = {"exp_avg": 0.0, "exp_avg_sq": 0.0, "step": torch.tensor(0.0)}
-            flat[name]["main"][start:end] = main.float()
-            flat[name]["exp_avg"][start:end] = adam["exp_avg"]
-            flat[name]["exp_avg_sq"][start:end] = adam["exp_avg_sq"]
-            steps[name] = torch.as_tensor(adam["step"], dtype=torch.float32).reshape(())
-            covered[name][start:end] = True
-        del state
+    flat, steps, covered = gather_zero_pieces(files, weights)
     out = {}
     for name, w in weights.items():
         if not bool(covered[name].all()):
