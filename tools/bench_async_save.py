@@ -207,6 +207,8 @@ def main(argv=None) -> float:
         )
         print(f"   ratio async / sync:        {ratios[-1]:9.3f}   (call alone: "
               f"{med(call) / med(sync):.3f})")  # fmt: skip
+        print("   per round, sync / async:   " + ", ".join(
+            f"{a_ * 1e3:.0f}/{b_ * 1e3:.0f}" for a_, b_ in zip(sync, total)))  # fmt: skip
     sync, call, slow, wait = cost(2)
     print(
         f"-- training thread's minor page faults: sync save {med(sync):.0f}, async call "
