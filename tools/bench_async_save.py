@@ -13,9 +13,11 @@ run alternates a synchronous save (`checkpointing.save_checkpoint`) and a backgr
   finished (normally 0: the steps between saves are enough).
 
 The async figure compared with the sync stall is stall + slowdown + wait, so nothing the
-background write costs the training thread is left out. Prints the medians and the ratio::
+background write costs the training thread is left out. Prints the medians and the ratio, in
+wall time and in CPU time of the training thread (less sensitive to other load on a shared
+machine), its page faults and the writer's CPU time::
 
-    .venv/bin/python tools/bench_async_save.py                      # goal: ratio <= 0.20
+    .venv/bin/python tools/bench_async_save.py --rounds 12 --steps-between 3   # goal: <= 0.20
     .venv/bin/python tools/bench_async_save.py --hidden-size 1024 --save-dir /fast/disk
 """
 
