@@ -116,6 +116,7 @@ def _die_with_parent() -> None:
 
 
 PRIORITIES = ("idle", "low", "normal")
+_DEFAULT_WRITER = ckpt._save  # the real one (tests replace ckpt._save to inject failures)
 
 
 def _lower_priority(priority: str) -> None:
@@ -362,8 +363,8 @@ class AsyncCheckpointSaver:
                 shard.mkdir(parents=True, exist_ok=True)
                 written = []
                 for name, obj in frozen.pop() if freeze else files:
-                    if self.writer is ckpt._save:  # fsynced below, at the writer's priority
-                        ckpt._save(obj, shard / name, sync=False)
+                    if self.writer is _DEFAULT_WRITER:  # fsynced below, at low priority
+                        ckpt._write(obj, shard / name)
                         written.append(shard / name)
                     else:
                         self.writer(obj, shard / name)

@@ -145,15 +145,21 @@ def _no_crc32():
     return _serialization_config.patch({"save.compute_crc32": False})
 
 
-def _save(obj: Any, path: Path, sync: bool = True) -> None:
-    """torch.save `obj` to `path` and (unless not `sync`: the caller fsyncs) fsync it."""
+def _write(obj: Any, path: Path, sync: bool = False) -> None:
+    """torch.save `obj` to `path`; fsynced only with `sync` (else the caller fsyncs later,
+    `_fsync_file`: Linux reports a writeback error to an fd opened after it, if unseen)."""
     # torch.load never checks the zip records' CRC-32 (a flipped byte loads silently), and
     # computing it took about 2/3 of torch.save's CPU time: left out (the field is written 0)
     with open(path, "wb") as f, _no_crc32():
         torch.save(obj, f)
-        f.flush()
         if sync:
+            f.flush()
             os.fsync(f.fileno())
+
+
+def _save(obj: Any, path: Path) -> None:
+    """torch.save `obj` to `path` and fsync it."""
+    _write(obj, path, sync=True)
 
 
 def _fsync_file(path: Path) -> None:
