@@ -244,3 +244,18 @@ def test_to_host_copies_every_tensor_and_keeps_the_structure():
 def test_to_host_from_device_is_exact():
     x = torch.randn(1000, device="cuda")
     assert_close(to_host({"x": x})["x"], x.cpu(), rtol=0, atol=0)
+
+
+def test_to_host_reuses_the_staging_buffers_of_the_previous_call():
+    live = {"w": torch.ones(4, 3), "m": [torch.zeros(5)], "s": torch.tensor(1.0)}
+    staging: dict = {}
+    first = to_host(live, staging)
+    live["w"].add_(1)
+    live["m"][0].sub_(2)
+    second = to_host(live, staging)
+    assert second["w"] is not live["w"] and second["w"].data_ptr() == first["w"].data_ptr()
+    assert second["m"][0].data_ptr() == first["m"][0].data_ptr()
+    assert_close(second, live, rtol=0, atol=0)
+    live["w"] = torch.ones(2, 2)  # another shape at the same place: a new buffer
+    third = to_host(live, staging)
+    assert third["w"].shape == (2, 2) and third["w"].data_ptr() != first["w"].data_ptr()
