@@ -259,3 +259,11 @@ def test_to_host_reuses_the_staging_buffers_of_the_previous_call():
     live["w"] = torch.ones(2, 2)  # another shape at the same place: a new buffer
     third = to_host(live, staging)
     assert third["w"].shape == (2, 2) and third["w"].data_ptr() != first["w"].data_ptr()
+
+
+def test_to_host_staging_takes_transposed_and_expanded_tensors():
+    base = torch.arange(6.0).reshape(2, 3)
+    live = {"t": base.t(), "e": torch.ones(3).expand(4, 3)}
+    staging: dict = {}
+    for _ in range(2):
+        assert_close(to_host(live, staging), live, rtol=0, atol=0)

@@ -53,8 +53,8 @@ def to_host(obj: Any, staging: Optional[dict] = None) -> Any:
 
     Device tensors go through pinned memory without a per-tensor sync; one sync at the end.
     With `staging` (a dict kept by the caller between calls) each tensor is copied into the
-    buffer the previous call used at the same place of the structure (same shape, dtype and
-    strides), so a save after the first allocates nothing: no fresh pages to fault in, only
+    buffer the previous call used at the same place of the structure (same shape and dtype),
+    so a save after the first allocates nothing: no fresh pages to fault in, only
     the copy itself. The caller must not reuse `staging` while a previous result is still read.
     """
     synced = []
@@ -65,13 +65,9 @@ def to_host(obj: Any, staging: Optional[dict] = None) -> Any:
             pin = x.device.type != "cpu"
             if staging is not None:
                 out = staging.get(path)
-                if out is None or (out.shape, out.dtype, out.stride()) != (
-                    x.shape, x.dtype, x.stride()
-                ):  # fmt: skip
-                    out = torch.empty_strided(
-                        x.shape, x.stride(), dtype=x.dtype, device="cpu", pin_memory=pin
-                    )
-                    staging[path] = out
+                if out is None or (out.shape, out.dtype) != (x.shape, x.dtype):
+                    out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=pin)
+                    staging[path] = out  # contiguous, whatever the source's strides
             elif not pin:
                 return x.clone()
             else:
