@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
+from megalite.checkpoint import async_save
 from megalite.checkpoint import format as ckpt
 from megalite.checkpoint.async_save import AsyncCheckpointSaver, to_host
 from tests.harness import run_distributed
@@ -56,6 +57,20 @@ def _gated_writer(gate: Path):
     return write
 
 
+class _Step(torch.optim.Optimizer):
+    """A training step's in-place changes, made inside a torch optimizer's step(): the code a
+    thread writer's snapshot copy is guaranteed to come before."""
+
+    def __init__(self, state: dict):
+        super().__init__([torch.zeros(1, requires_grad=True)], {})
+        self.live = state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.live["model"]["chunk0"]["w"].add_(1000.0)
+        self.live["optim"]["state"][0]["exp_avg"].mul_(-1)
+
+
 def _snapshot_then_train_on(root_async: str, root_sync: str, mode: str):
     """Save iteration 1 synchronously, then iteration 2 in the background while the state is
     changed in place (a training step); returns what each stage of the tracker showed."""
@@ -65,11 +80,22 @@ def _snapshot_then_train_on(root_async: str, root_sync: str, mode: str):
     gate = Path(root_async) / f"gate{rank}"
     saver = AsyncCheckpointSaver(writer=_gated_writer(gate), mode=mode)
     state = _state(rank, 2)
-    saver.save(root_async, 2, **_save_kwargs(state, rank))
     expected = to_host(state)
-    # "training goes on": the live tensors change before the writer has written anything
-    state["model"]["chunk0"]["w"].add_(1000.0)
-    state["optim"]["state"][0]["exp_avg"].mul_(-1)
+    real_to_host = async_save.to_host
+
+    def slow_to_host(obj, staging=None):  # a thread writer's copy, slower than the next step
+        time.sleep(0.5)
+        return real_to_host(obj, staging)
+
+    async_save.to_host = slow_to_host
+    try:
+        saver.save(root_async, 2, **_save_kwargs(state, rank))
+        # "training goes on": an optimizer step changes the live tensors in place right away,
+        # before the writer has copied (thread) or written (both) anything
+        _Step(state).step()
+    finally:
+        async_save.to_host = real_to_host
+    assert state["model"]["chunk0"]["w"][0, 0] > 500
     polled_while_writing = saver.poll()
     tracker_while_writing = ckpt.read_tracker(root_async)
     gate.touch()
@@ -218,3 +244,26 @@ def test_to_host_copies_every_tensor_and_keeps_the_structure():
 def test_to_host_from_device_is_exact():
     x = torch.randn(1000, device="cuda")
     assert_close(to_host({"x": x})["x"], x.cpu(), rtol=0, atol=0)
+
+
+def test_to_host_reuses_the_staging_buffers_of_the_previous_call():
+    live = {"w": torch.ones(4, 3), "m": [torch.zeros(5)], "s": torch.tensor(1.0)}
+    staging: dict = {}
+    first = to_host(live, staging)
+    live["w"].add_(1)
+    live["m"][0].sub_(2)
+    second = to_host(live, staging)
+    assert second["w"] is not live["w"] and second["w"].data_ptr() == first["w"].data_ptr()
+    assert second["m"][0].data_ptr() == first["m"][0].data_ptr()
+    assert_close(second, live, rtol=0, atol=0)
+    live["w"] = torch.ones(2, 2)  # another shape at the same place: a new buffer
+    third = to_host(live, staging)
+    assert third["w"].shape == (2, 2) and third["w"].data_ptr() != first["w"].data_ptr()
+
+
+def test_to_host_staging_takes_transposed_and_expanded_tensors():
+    base = torch.arange(6.0).reshape(2, 3)
+    live = {"t": base.t(), "e": torch.ones(3).expand(4, 3)}
+    staging: dict = {}
+    for _ in range(2):
+        assert_close(to_host(live, staging), live, rtol=0, atol=0)

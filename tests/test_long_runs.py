@@ -134,9 +134,8 @@ def test_async_saves_resume_exactly(tmp_path, writer, monkeypatch):
     base = TINY + ["--train-iters", "8", "--tensor-model-parallel-size", "2"]
     ck, first, second = tmp_path / "ck", tmp_path / "first.jsonl", tmp_path / "second.jsonl"
     argv = base + ["--save", str(ck), "--save-interval", "2", "--async-save"]
-    run = _pretrain if writer == "process" else _pretrain_thread_writer
     legs = argv + ["--exit-interval", "5", "--metrics-file", str(first)]
-    assert run_distributed(2, run, legs) == [0, 0]
+    assert run_distributed(2, _pretrain_with_writer, writer, legs) == [0, 0]
     assert ckpt.read_tracker(ck) == 5
     assert sorted(p.name for p in ck.iterdir() if p.name.startswith("iter_")) == [
         "iter_0000002", "iter_0000004", "iter_0000005"
@@ -146,15 +145,16 @@ def test_async_saves_resume_exactly(tmp_path, writer, monkeypatch):
     assert _curve(first) + _curve(second) == _straight(base, tmp_path)
 
 
-def _pretrain_thread_writer(argv):
+def _pretrain_with_writer(mode: str, argv):
+    """pretrain with the background writer of `mode` ("process" or "thread")."""
     from megalite.checkpoint import async_save
 
     init = async_save.AsyncCheckpointSaver.__init__
 
-    def thread_mode(self, writer=None, mode=None):
-        init(self, writer, "thread")
+    def forced(self, writer=None, mode_=None, priority="idle"):
+        init(self, writer, mode, priority)
 
-    async_save.AsyncCheckpointSaver.__init__ = thread_mode
+    async_save.AsyncCheckpointSaver.__init__ = forced
     try:
         return _pretrain(argv)
     finally:

@@ -28,10 +28,14 @@ def slurm():
     if os.geteuid() != 0:
         pytest.skip("the local Slurm cluster needs root")
     env = dict(os.environ, **ENV)
+    # a cluster already up (another test session on this machine uses it) is left running: its
+    # teardown would cancel that session's jobs mid-run
+    was_up = subprocess.run(["sinfo", "-h"], env=env, capture_output=True, timeout=30)
     up = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=600)
     assert up.returncode == 0, f"local Slurm did not start:\n{up.stdout}\n{up.stderr}"
     yield env
-    subprocess.run(["bash", str(DOWN)], env=env, capture_output=True, timeout=120)
+    if was_up.returncode != 0:
+        subprocess.run(["bash", str(DOWN)], env=env, capture_output=True, timeout=120)
 
 
 def _submit(args: list[str], env: dict, cwd: Path) -> str:

@@ -13,9 +13,11 @@ run alternates a synchronous save (`checkpointing.save_checkpoint`) and a backgr
   finished (normally 0: the steps between saves are enough).
 
 The async figure compared with the sync stall is stall + slowdown + wait, so nothing the
-background write costs the training thread is left out. Prints the medians and the ratio::
+background write costs the training thread is left out. Prints the medians and the ratio, in
+wall time and in CPU time of the training thread (less sensitive to other load on a shared
+machine), its page faults and the writer's CPU time::
 
-    .venv/bin/python tools/bench_async_save.py                      # goal: ratio <= 0.20
+    .venv/bin/python tools/bench_async_save.py --rounds 12 --steps-between 3   # goal: <= 0.20
     .venv/bin/python tools/bench_async_save.py --hidden-size 1024 --save-dir /fast/disk
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -94,6 +97,12 @@ def main(argv=None) -> float:
         default=None,
         help="the background writer (default: a forked process where available)",
     )
+    p.add_argument(
+        "--priority",
+        choices=("idle", "low", "normal"),
+        default="idle",
+        help="the writer's CPU priority (idle: SCHED_IDLE, low: nice 19)",
+    )
     p.add_argument("--save-dir", default=None, help="where to write (default: a temp dir)")
     a = p.parse_args(argv)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -121,6 +130,16 @@ def main(argv=None) -> float:
         rng_state=ckpt.get_rng_state(),
         meta={"settings": {}, "model": {}, "consumed_train_samples": 0},
     )
+
+    def clock() -> tuple[float, float, int]:
+        """(wall s, CPU s of this thread, its minor page faults so far)"""
+        usage = resource.getrusage(resource.RUSAGE_THREAD)
+        return time.perf_counter(), time.thread_time(), usage.ru_minflt
+
+    def since(t0: tuple[float, float, int]) -> tuple[float, float, int]:
+        t1 = clock()
+        return t1[0] - t0[0], t1[1] - t0[1], t1[2] - t0[2]
+
     baseline: list[float] = []
     for _ in range(a.steps_between):
         t = time.perf_counter()
@@ -128,54 +147,77 @@ def main(argv=None) -> float:
         baseline.append(time.perf_counter() - t)
     base = statistics.median(baseline)
 
-    saver = AsyncCheckpointSaver(mode=a.mode)
-    sync_stalls, async_costs, parts = [], [], []
+    saver = AsyncCheckpointSaver(mode=a.mode, priority=a.priority)
+    rows: dict[str, list] = {"sync": [], "async": []}  # per round: (call, steps, wait) triples
+    writer_cpu: list[float] = []
     iteration = 0
     try:
         for _ in range(a.rounds):
-            after = {}
             for kind in ("sync", "async"):
                 iteration += 1
-                t = time.perf_counter()
+                t = clock()
                 if kind == "sync":
                     ckpt.save_checkpoint(root, iteration, **kwargs)
-                    sync_stalls.append(time.perf_counter() - t)
                 else:
                     saver.save(root, iteration, **kwargs)
-                    stall = time.perf_counter() - t
-                t = time.perf_counter()
+                call = since(t)
+                t = clock()
                 for _ in range(a.steps_between):
                     step()
                     if kind == "async":
                         saver.poll()
-                after[kind] = time.perf_counter() - t
+                steps = since(t)
+                t = clock()
                 if kind == "async":
-                    t = time.perf_counter()
                     saver.finalize()
-                    wait = time.perf_counter() - t
-                    # the steps after the async save against the same steps after the sync one
-                    slow = after["async"] - after["sync"]
-                    async_costs.append(stall + slow + wait)
-                    parts.append((stall, slow, wait))
+                    writer_cpu.append(saver.last_writer_cpu_s or 0.0)
+                wait = since(t)
+                rows[kind].append((call, steps, wait))
                 assert ckpt.read_tracker(root) == iteration
     finally:
         if a.save_dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    s, c = statistics.median(sync_stalls), statistics.median(async_costs)
-    stall, slow, wait = (statistics.median(x) for x in zip(*parts))
+
+    def cost(j: int) -> tuple[list[float], list[float], list[float], list[float]]:
+        """Per round, measure j (0 wall, 1 CPU, 2 faults): sync stall, async call, async
+        slowdown of the following steps (against the same steps after the sync save), wait."""
+        sync = [r[0][j] for r in rows["sync"]]
+        call = [r[0][j] for r in rows["async"]]
+        slow = [ra[1][j] - rs[1][j] for ra, rs in zip(rows["async"], rows["sync"])]
+        wait = [r[2][j] for r in rows["async"]]
+        return sync, call, slow, wait
+
+    med = statistics.median
     print(
         f"checkpoint {mb:.0f} MB ({a.num_layers} layers, hidden {a.hidden_size}, vocab "
         f"{a.vocab_size}); median step {base * 1e3:.0f} ms; {a.rounds} saves of each kind, "
         f"{a.steps_between} steps between saves; {torch.get_num_threads()} thread(s); "
-        f"writer: {saver.mode}"
+        f"writer: {saver.mode}, priority {saver.priority}; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
-    print(f"sync save stall (median):       {s * 1e3:9.1f} ms")
+    ratios = []
+    for j, unit in ((0, "wall"), (1, "CPU of the training thread")):
+        sync, call, slow, wait = cost(j)
+        total = [c + s + w for c, s, w in zip(call, slow, wait)]
+        ratios.append(med(total) / med(sync))
+        print(f"-- {unit}, ms (median of {a.rounds}):")
+        print(f"   sync save stall:           {med(sync) * 1e3:9.1f}")
+        print(
+            f"   async save cost:           {med(total) * 1e3:9.1f}  (in the call "
+            f"{med(call) * 1e3:.1f}, slower steps {med(slow) * 1e3:.1f}, waiting at the next "
+            f"save {med(wait) * 1e3:.1f})"
+        )
+        print(f"   ratio async / sync:        {ratios[-1]:9.3f}   (call alone: "
+              f"{med(call) / med(sync):.3f})")  # fmt: skip
+        print("   per round, sync / async:   " + ", ".join(
+            f"{a_ * 1e3:.0f}/{b_ * 1e3:.0f}" for a_, b_ in zip(sync, total)))  # fmt: skip
+    sync, call, slow, wait = cost(2)
     print(
-        f"async save cost (median):       {c * 1e3:9.1f} ms  (in the call {stall * 1e3:.1f}, "
-        f"slower steps {slow * 1e3:.1f}, waiting at the next save {wait * 1e3:.1f})"
+        f"-- training thread's minor page faults: sync save {med(sync):.0f}, async call "
+        f"{med(call):.0f}, extra in the steps after it {med(slow):.0f}"
     )
-    print(f"ratio async / sync:             {c / s:9.3f}")
-    return c / s
+    print(f"-- background writer CPU: {med(writer_cpu) * 1e3:.1f} ms per save (median)")
+    return ratios[0]
 
 
 if __name__ == "__main__":
