@@ -369,7 +369,7 @@ class AsyncCheckpointSaver:
                 if self.mode == "thread":
                     _lower_priority(self.priority)
                 for path in written:
-                    ckpt._fsync_file(path)
+                    ckpt.fsync_file(path)
                 if rank == 0:
                     ckpt.write_meta_files(tmp, meta, extra_files)
                 ckpt._fsync_dir(shard)

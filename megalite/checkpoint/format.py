@@ -149,7 +149,7 @@ def _no_crc32():
 
 def _write(obj: Any, path: Path, sync: bool = False) -> None:
     """torch.save `obj` to `path`; fsynced only with `sync` (else the caller fsyncs later,
-    `_fsync_file`: Linux reports a writeback error to an fd opened after it, if unseen)."""
+    `fsync_file`: Linux reports a writeback error to an fd opened after it, if unseen)."""
     # torch.load never checks the zip records' CRC-32 (a flipped byte loads silently), and
     # computing it took about 2/3 of torch.save's CPU time: left out (the field is written 0)
     with open(path, "wb") as f, _no_crc32():
@@ -164,7 +164,8 @@ def _save(obj: Any, path: Path) -> None:
     _write(obj, path, sync=True)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush `path` (pages written through shared mappings included) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

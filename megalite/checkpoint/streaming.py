@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.serialization import set_default_mmap_options, skip_data
 
-from megalite.checkpoint.format import CheckpointError
+from megalite.checkpoint.format import CheckpointError, fsync_file  # noqa: F401 (re-exported)
 
 
 def write_skeleton(tree: Any, path: Path) -> None:
@@ -47,15 +47,6 @@ def filling(path: Path) -> Iterator[Any]:
         yield tree
     finally:
         del tree  # unmaps: the written pages leave this process (they stay in the page cache)
-
-
-def fsync_file(path: Path) -> None:
-    """Flush `path` (pages written through shared mappings included) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_lazy(path: Path) -> Any:
