@@ -16,8 +16,8 @@ def _close_worker_pools():
 
 def pytest_collection_modifyitems(config, items):
     """`extended` tests run only with MEGALITE_EXTENDED=1, to keep the suite under 20 minutes
-    on a 2-core machine: the Slurm requeue tests, about 5 minutes each (a 200-iteration job on
-    the two-node local Slurm, signalled, requeued and resumed, and the same job uninterrupted)
+    on a 2-core machine: the Slurm requeue tests, about 5 minutes each, most of it Slurm
+    holding the requeued job before it starts again
     (`MEGALITE_EXTENDED=1 bash scripts/test.sh -m extended`)."""
     if os.environ.get("MEGALITE_EXTENDED"):
         return
