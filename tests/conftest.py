@@ -15,10 +15,9 @@ def _close_worker_pools():
 
 
 def pytest_collection_modifyitems(config, items):
-    """`extended` tests run only with MEGALITE_EXTENDED=1, to keep the suite under 20 minutes
-    on a 2-core machine: the Slurm requeue tests, about 5 minutes each, most of it Slurm
-    holding the requeued job before it starts again
-    (`MEGALITE_EXTENDED=1 bash scripts/test.sh -m extended`)."""
+    """`extended` tests (long end-to-end runs whose parity the default suite also covers at the
+    library level) run only with MEGALITE_EXTENDED=1, to keep the suite under 20 minutes on a
+    2-core machine: `MEGALITE_EXTENDED=1 bash scripts/test.sh -m extended`."""
     if os.environ.get("MEGALITE_EXTENDED"):
         return
     skip = pytest.mark.skip(reason="extended: set MEGALITE_EXTENDED=1 to run")

@@ -19,7 +19,7 @@ from megalite.config import ConfigError
 from megalite.training.arguments import resolved_config
 from tests.harness import run_distributed
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended
 
 ITERS = 8
 BASE = (

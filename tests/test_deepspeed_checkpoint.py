@@ -18,7 +18,7 @@ from megalite import parallel_state as ps
 from megalite.checkpoint import format as ckpt
 from tests.harness import run_distributed
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended
 
 pytest.importorskip("deepspeed")
 

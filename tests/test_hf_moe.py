@@ -177,7 +177,7 @@ def _pretrain(argv: list[str]) -> int:
     return pretrain(argv)
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_imported_mixtral_trains_at_tp2_ep2_from_transformers_loss(tmp_path):
     """A transformers Mixtral imported at TP2 x EP2 and fine-tuned on 4 gloo ranks with the
     flags import prints: the first loss (before any update) is transformers' loss on global

@@ -18,7 +18,7 @@ from megalite.check import spawn_ranks, wait_all
 from megalite.checkpoint import format as ckpt
 from tests.harness import run_distributed
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended
 
 TINY = (
     "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "

@@ -105,6 +105,7 @@ def test_moe_with_context_parallel_matches_one_process():
     assert results[-1] == [STEPS] * len(cases)  # the last rank is a last stage everywhere
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_moe_pretrain_with_context_parallel_matches_one_process(tmp_path):
     """`megalite-pretrain` at CP2 x DP2 with EP2 (and CP2 x TP2 + SP with EP2, all-to-all

@@ -20,7 +20,7 @@ from torch.testing import assert_close
 
 from tests.harness import run_distributed
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended
 ROOT = Path(__file__).resolve().parents[1]
 N = 4  # iterations per leg
 

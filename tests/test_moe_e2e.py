@@ -13,7 +13,7 @@ from megalite.config import ConfigError
 from megalite.training.arguments import load_config
 from tests.harness import run_distributed
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended
 
 BASE = (
     "--num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "

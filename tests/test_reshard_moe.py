@@ -74,7 +74,7 @@ TARGETS = {  # name: (world, tp, pp, ep, etp, the flags of the resumed run)
 }
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_resume_after_expert_reshard_matches_uninterrupted_run(trained, name):
     root, reference = trained
@@ -104,7 +104,7 @@ def test_resume_after_expert_reshard_matches_uninterrupted_run(trained, name):
         )
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_trainer_checkpoint_refuses_another_dp_size_and_a_resharded_one_resumes(trained):
     """The trainer's per-DP-rank expert files fit their DP size only (refused at DP4); the same
     layout resharded keeps experts per (ep, etp) and resumes at DP4 on 8 ranks."""
@@ -122,7 +122,7 @@ def test_trainer_checkpoint_refuses_another_dp_size_and_a_resharded_one_resumes(
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4, abs=1e-6), got
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_loaded_expert_weights_give_the_source_loss(trained):
     """Weights only (no optimizer state to lay the parameters over): iteration 5's loss is
     computed with the loaded weights before any update, so it is the source's; iteration 6
@@ -136,7 +136,7 @@ def test_loaded_expert_weights_give_the_source_loss(trained):
     assert abs(resumed[1]["lm_loss"] - reference[5]["lm_loss"]) > 1e-4
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_expert_reshard_round_trip_and_refusals(trained, tmp_path):
     root, _ = trained
     reshard(root / "orig", tmp_path / "ep4", 1, 2, ep=4)
