@@ -91,7 +91,15 @@ def _init_worker(
         encoder = gigatoken_encoder_for(tokenizer)[0]
     elif fast_build is not None:
         encoder = fast_build(tokenizer)
-    _WORKER["encoder"] = BlockEncoder(
+    _WORKER["encoder"] = _block_encoder(
+        tokenizer, encoder, json_keys, append_eod, dtype, fast, sentences
+    )
+
+
+def _block_encoder(tokenizer, encoder, json_keys, append_eod, dtype, fast, sentences):
+    """The BlockEncoder of a worker process or of the shared threads (`sentences`: the
+    sentence splitter's arguments, None without --split-sentences)."""
+    return BlockEncoder(
         tokenizer,
         json_keys,
         append_eod,
@@ -272,16 +280,7 @@ def preprocess(
     block_bytes = None
     if fast_build == "gigatoken":
         block_bytes = FAST_BLOCK_BYTES
-        splitter = None if sentences is None else build_splitter(*sentences)
-        shared = BlockEncoder(
-            tokenizer,
-            json_keys,
-            append_eod,
-            dtype,
-            fast,
-            fast_encoder=encoder,
-            sentence_splitter=splitter,
-        )
+        shared = _block_encoder(tokenizer, encoder, json_keys, append_eod, dtype, fast, sentences)
         pool = _Threads(workers, shared)
     else:
         pool = mp.Pool(workers, initializer=_init_worker, initargs=init)
