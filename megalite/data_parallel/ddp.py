@@ -42,7 +42,8 @@ group, so the sum over expert-DP covers every DP replica's tokens once.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import torch
@@ -208,6 +209,17 @@ class Bucket:
         return self.data[self.shard[0] : self.shard[1]]
 
 
+def _weak_grad_hook(ref: weakref.ref) -> Callable[[torch.nn.Parameter], None]:
+    """A post-accumulate-grad hook that calls ``ref()._grad_hook`` while the wrapper lives."""
+
+    def hook(param: torch.nn.Parameter) -> None:
+        ddp = ref()
+        if ddp is not None:
+            ddp._grad_hook(param)
+
+    return hook
+
+
 class DistributedDataParallel(torch.nn.Module):
     """Wrap `module`; gradients land in ``p.main_grad`` and are averaged over `data_parallel_group`.
 
@@ -258,10 +270,13 @@ class DistributedDataParallel(torch.nn.Module):
         self._callback_queued = False
         self.buckets = self._build_buckets()
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        # The hook holds this wrapper weakly: a bound method stored on each parameter would close
+        # a cycle (parameter -> hook -> wrapper -> module -> parameter) through autograd's C++
+        # side, which Python's collector cannot see, so the model, its buckets and every process
+        # group they hold would outlive the run (one more set per `pretrain()` in a process).
+        hook = _weak_grad_hook(weakref.ref(self))
         self._hooks = [
-            p.register_post_accumulate_grad_hook(self._grad_hook)
-            for b in self.buckets
-            for p in b.params
+            p.register_post_accumulate_grad_hook(hook) for b in self.buckets for p in b.params
         ]
 
     def _build_buckets(self) -> list[Bucket]:

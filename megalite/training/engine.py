@@ -95,6 +95,10 @@ class Engine:
     def loss_scale(self) -> Optional[float]:
         return None
 
+    def close(self) -> None:
+        """Release what the engine holds beyond Python's reach (hooks, DeepSpeed's state), so
+        the model and its process groups die with the run; safe to call twice."""
+
     def train(self, mode: bool = True) -> None:
         for c in self.chunks:
             c.train(mode)
@@ -237,6 +241,11 @@ class DeepSpeedEngine(Engine):
         from megalite.data_parallel.deepspeed_checkpoint import load_engine_optimizer
 
         load_engine_optimizer(self.engine, self.chunks[0], state)
+
+    def close(self) -> None:
+        # DeepSpeed's ZeRO optimizers keep gradient hooks on every parameter that reference the
+        # engine; destroy() removes them (and is a no-op the second time).
+        self.engine.destroy()
 
     def eval_step(self, micro: list, num_microbatches: int) -> Optional[float]:
         outputs = [

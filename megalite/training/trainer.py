@@ -392,6 +392,7 @@ class Trainer:
             finally:
                 if self.saver is not None and self.saver.pending is not None:
                     self.saver.pending.kill()  # an error stopped the run: never publish it
+                self.engine.close()
 
     def _train(self) -> None:
         cfg = self.cfg
