@@ -34,12 +34,12 @@ FOREIGN_PATHS = {
     "tools/preprocess_data_fast.py",
 }
 
-# Flags of the other commands the docs show: torchrun, deepspeed, sbatch, scancel, ruff.
+# Flags of the other commands the docs show (torchrun, deepspeed, sbatch, scancel, ruff, ...).
 LAUNCHER_FLAGS = {
     "--standalone", "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
     "--master-port", "--num_gpus", "--num_nodes", "--module", "--master_port", "--nodes",
     "--ntasks-per-node", "--signal", "--time", "--array", "--dependency", "--requeue", "--batch",
-    "--check",
+    "--check", "--logdir",
 }  # fmt: skip
 
 
