@@ -1,7 +1,8 @@
 """The docs cannot rot silently: README.md and docs/*.md checked against the repository.
 
 Single process, no world size. What is checked:
-- README.md stays short (the manual lives in docs/) and its index links to every docs/ page;
+- README.md stays short (the manual lives in docs/), shows the command .ci/run calls, and its
+  index links to every docs/ page;
 - every relative link (and its #anchor) between README and the pages resolves;
 - every repository path the text names (``tests/test_x.py[::test_name]``, ``tools/*.py``,
   ``megalite/...``, ``examples/``, ``scripts/``, ``slurm/``, ``docs/``) exists;
@@ -54,6 +55,15 @@ def _rel(path: Path) -> str:
 def test_readme_is_short():
     lines = _text(README).count("\n")
     assert lines <= 300, f"README.md has {lines} lines: move the detail into a docs/ page"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = [ln for ln in _text(ROOT / ".ci" / "run").splitlines() if ln and not ln.startswith("#")]
+    command = ci[-1].strip()  # the last line runs the suite; those above only set up the shell
+    blocks = re.findall(r"```bash\n(.*?)```", _text(README), flags=re.S)
+    assert any(ln.split("#")[0].strip() == command for b in blocks for ln in b.splitlines()), (
+        f"README's commands do not show what .ci/run calls: {command!r}"
+    )
 
 
 def test_readme_indexes_every_docs_page():
