@@ -5,7 +5,8 @@ Single process, no world size. What is checked:
   index links to every docs/ page;
 - every relative link (and its #anchor) between README and the pages resolves;
 - every repository path the text names (``tests/test_x.py[::test_name]``, ``tools/*.py``,
-  ``megalite/...``, ``examples/``, ``scripts/``, ``slurm/``, ``docs/``) exists;
+  ``megalite/...``, ``examples/``, ``scripts/``, ``slurm/``, ``docs/``) exists, and so does
+  every test named alone (``test_x``);
 - every dotted ``megalite.x.y`` name the text shows imports;
 - every ``--flag`` the text shows is one a megalite command or script accepts (the argparse
   parsers the code builds), or one of the few launcher / Slurm flags of the allowlist below.
@@ -132,6 +133,16 @@ def test_every_repository_path_named_exists(path):
             elif test and not re.search(rf"^def {test[2:]}\(", _text(ROOT / one), flags=re.M):
                 missing.append(one + test)
     assert not missing, f"{_rel(path)} names paths that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("path", TEXTS, ids=_rel)
+def test_every_test_named_alone_exists(path):
+    """A test named without its file (`test_x`) is a test function somewhere in tests/."""
+    defined = set()
+    for test_file in ROOT.glob("tests/test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)\(", _text(test_file), flags=re.M))
+    named = set(re.findall(r"`(test_\w+)`", _text(path)))
+    assert not named - defined, f"{_rel(path)} names tests that do not exist: {named - defined}"
 
 
 @pytest.mark.parametrize("path", TEXTS, ids=_rel)
