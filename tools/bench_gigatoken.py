@@ -2,7 +2,7 @@
 
     python tools/bench_gigatoken.py          # 93 MB corpus, byte-level BPE, SP-BPE byte fallback
     python tools/bench_gigatoken.py --target-mb 20 --tokenizers hf --repeat 3
-    python tools/bench_gigatoken.py --tokenizers hf sp_bf sp --repeat 2 --rss   # README table
+    python tools/bench_gigatoken.py --tokenizers hf sp_bf sp --repeat 2 --rss   # docs/benchmarks.md
 
 Implementations, each a separate process tree timed from start to exit (imports included) and
 by its own processing time (after imports and tokenizer loading):

@@ -1,10 +1,11 @@
-"""Print the README's table of every flag megalite-pretrain knows, by what megalite does with it.
+"""Print the table of every flag megalite-pretrain knows, by what megalite does with it.
 
-    python tools/flag_table.py          # markdown, as README.md's "Megatron-LM flags" holds it
+    python tools/flag_table.py          # markdown, as docs/megatron-flags.md holds it
+    python tools/flag_table.py --write  # rewrite that table in docs/megatron-flags.md
 
 A flag is *implemented* (Megatron's meaning), a *no-op* (accepted: it only picks a kernel or a
 mechanism megalite does not have, with the same result), or *refused* (the run stops with the
-reason). tests/test_config.py checks that README.md holds exactly this table.
+reason). tests/test_config.py checks that docs/megatron-flags.md holds exactly this table.
 """
 
 from __future__ import annotations
@@ -43,5 +44,20 @@ def table() -> str:
     return "\n".join(rows) + "\n"
 
 
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "megatron-flags.md"
+START, END = "<!-- flag-table:start -->\n", "<!-- flag-table:end -->"
+
+
+def write_page(path: Path = PAGE) -> None:
+    """Replace the generated block of `path` (between the START and END markers) by `table()`."""
+    text = path.read_text()
+    before, rest = text.split(START, 1)
+    after = rest.split(END, 1)[1]
+    path.write_text(before + START + table() + END + after)
+
+
 if __name__ == "__main__":
-    sys.stdout.write(table())
+    if sys.argv[1:] == ["--write"]:
+        write_page()
+    else:
+        sys.stdout.write(table())

@@ -5,7 +5,7 @@
         --append-eod --workers 2
 
 Inputs: .jsonl / .json, their .gz / .zst, .parquet, folders of shards and globs (sorted).
-See megalite/data/preprocess.py for the flags and guarantees, README.md ("Data pipeline")
+See megalite/data/preprocess.py for the flags and guarantees, docs/data.md
 for the tokenizer types and the gigatoken fast path.
 """
 

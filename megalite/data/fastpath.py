@@ -199,7 +199,7 @@ def choose_fast_encoder(
 
     Measured in one process on 20 MB of the benchmark corpus (CPU seconds, JSON parsing
     included): a 16k byte-fallback SentencePiece BPE 0.67 through gigatoken against 1.2 through
-    megalite's chunk memo; byte-level BPE is further apart (see README.md, "Data pipeline")."""
+    megalite's chunk memo; byte-level BPE is further apart (see docs/benchmarks.md, "Data")."""
     if build is None:
         encoder, reason = gigatoken_encoder_for(tokenizer)
         if encoder is None:

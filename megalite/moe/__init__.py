@@ -1,6 +1,6 @@
 """Mixture of experts with expert parallelism: router, experts, token dispatchers, the layer.
 
-See README.md, "Mixture of experts". The expert process groups come from `megalite.parallel_state`
+See docs/moe.md. The expert process groups come from `megalite.parallel_state`
 (`expert_group_ranks`); layers take them explicitly through `MoEGroups`.
 """
 

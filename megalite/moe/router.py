@@ -5,7 +5,7 @@ tokens may be spread over the ranks of `stats_group` (TP with sequence paralleli
 the load statistics are summed over that group with "all-reduce forward, identity backward", so
 each rank's loss has the micro-batch's value and each rank's gradient is exact for its own
 tokens. The losses are therefore the same at every TP/SP/CP/DP/EP layout (under dropless
-routing; capacity is counted per rank, see README.md, "Mixture of experts").
+routing; capacity is counted per rank, see docs/moe.md).
 
 Losses (Megatron's definitions, over the T tokens of a micro-batch, E experts, top-k):
 

@@ -2,7 +2,7 @@
 
 Pure Python over megalite's own modules (built on the meta device to count parameters) and
 schedules (run in virtual time for the bubble); no process group is needed.
-See README.md, "Planner".
+See docs/planner.md.
 """
 
 from megalite.planner.devices import DEVICES, Device, cpu_device, get_device

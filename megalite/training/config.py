@@ -109,7 +109,7 @@ class CheckpointConfig:
     finetune: bool = option(False, "load weights only; iteration and data restart at 0")
     async_save: bool = option(
         False,
-        "write checkpoints in the background (a forked writer per rank) while training goes "
+        "write checkpoints in the background (a writer thread per rank) while training goes "
         "on; the tracker names a save only once every rank's files are durable",
     )
     ckpt_format: str = option(
