@@ -115,8 +115,9 @@ def vocabulary_change(
     ):
         try:
             old = tokenizer_from_settings({**saved, "tokenizer_sentencepiece_legacy": True})
+            eod = f"eod </s> {tokenizer_from_settings(run).eod}"
         except (ValueError, OSError):
-            old = None
+            old, eod = None, "eod </s>"
         if old is not None and old.vocab_size == saved_vocab:
             added = ", ".join(
                 f"{t} {i}" for t, i in sorted(old.special_tokens.items(), key=lambda x: x[1])
@@ -135,7 +136,7 @@ def vocabulary_change(
             )
         return (
             f"{what}; SentencePieceTokenizer now follows Megatron-LM (the model's pieces only, "
-            f"eod </s>, vocabulary {run_vocab}). Data preprocessed the old way holds those ids: "
+            f"{eod}, vocabulary {run_vocab}). Data preprocessed the old way holds those ids: "
             f"to keep training this checkpoint (on that data, or on data preprocessed today), "
             f"add {legacy_flag}, which gives the old vocabulary of {saved_vocab} back; "
             f"tools/preprocess_data.py {legacy_flag} writes more data the old way"
