@@ -133,6 +133,18 @@ def test_special_tokens_as_text(tmp_path, name):
             assert eod not in ours[i].tolist()[:-1] and eod in theirs[i].tolist()[:-1]
     holding = [d for d, doc in enumerate(docs) if "<|endoftext|>" in doc]
     assert changed == holding and len(holding) > 0
+    # every encoding path gives those bytes (gigatoken's JSON does not carry the setting: the
+    # documents holding such text go to the tokenizer itself)
+    args = dict(_tokenizer_args(name), special_tokens_as_text=True)
+    for path, kwargs in PATHS.items():
+        log, prefix = io.StringIO(), str(tmp_path / f"{name}_{path}")
+        docs = [str(FIXTURE / "documents.jsonl")]
+        preprocess(docs, prefix, args, append_eod=True, progress=False, log=log, **kwargs)
+        if path == "gigatoken" and importlib.util.find_spec("gigatoken") is not None:
+            assert "fast path: gigatoken, exact" in log.getvalue(), log.getvalue()
+        for ext in (".bin", ".idx"):
+            want = Path(out + "_text_document" + ext).read_bytes()
+            assert Path(prefix + "_text_document" + ext).read_bytes() == want, (path, ext)
 
 
 def test_tools_script_has_the_flag(tmp_path):
