@@ -244,6 +244,19 @@ def test_sentencepiece_vocabulary_change_is_explained(tmp_path):
     assert "--tokenizer-sentencepiece-legacy`, this run's is `--tokenizer-type" in str(e.value)
 
 
+def test_data_of_the_old_sentencepiece_rule_names_the_legacy_flag():
+    """Data preprocessed with last round's SentencePieceTokenizer (eod <EOD> = 32002 past the
+    32000 pieces), trained with today's: the error says which flag reads it."""
+    from megalite.training.data import DataError, collate
+
+    sample = {"tokens": np.array([5, 32002]), "labels": np.array([32002, 7])}
+    with pytest.raises(DataError) as e:
+        collate([sample], [0], vocab_size=32000)
+    text = str(e.value)
+    assert "holds token id 32002, outside the vocabulary of 32000" in text
+    assert "train on it with --tokenizer-sentencepiece-legacy" in text
+
+
 def test_corrupt_tracker_and_meta(tmp_path):
     (tmp_path / ckpt.TRACKER).write_text("banana")
     with pytest.raises(ckpt.CheckpointError, match="expected an iteration number"):

@@ -20,6 +20,10 @@ line (malformed JSON, missing key, non-string value, parquet null) stops the run
 ``file:line`` unless ``--skip-bad-lines``. A document with no tokens (empty text) stays in the
 index as a document of no sequences, as Megatron's ``preprocess_data.py`` writes it.
 Encoding goes through gigatoken when its start-up self-check shows it exact (fastpath.py).
+Tokens are Megatron-LM's, byte for byte (tokenizers.py has the rules per type; the test
+``tests/test_data_megatron_fixture.py`` compares with its output): no BOS, eod ``</s>`` for the
+SentencePiece types, ``<|endoftext|>`` text becomes that token for the byte-level ones unless
+``--special-tokens-as-text``; ``--tokenizer-sentencepiece-legacy`` writes megalite's old rules.
 """
 
 from __future__ import annotations
