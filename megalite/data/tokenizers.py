@@ -8,12 +8,15 @@ for byte against its output in ``tests/test_data_megatron_fixture.py``:
 | type | BOS | eod | special-token text in a document |
 |---|---|---|---|
 | SentencePieceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer | none | ``</s>`` | text |
-| HuggingFaceTokenizer | its template's | ``eos_token`` | its special tokens |
+| HuggingFaceTokenizer | its template's | ``eos_token`` | its added tokens |
 | GPT2BPETokenizer | none | ``<|endoftext|>`` | ``<|endoftext|>`` |
 | TikTokenizer | none | ``</s>`` | text |
 
 ``special_tokens_as_text=True`` (``--special-tokens-as-text``) encodes the text of special tokens
-as plain characters for every type (only the byte-level types change). ``legacy=True``
+as plain characters for every type (what changes: the byte-level types, whose special added
+tokens, ``<|endoftext|>``, then stay text, and the legacy SentencePieceTokenizer; the others
+encode such text as characters already; non-special added tokens and SentencePiece's
+user-defined pieces are vocabulary, matched as before). ``legacy=True``
 (``--tokenizer-sentencepiece-legacy``) gives the SentencePiece types the rules of Megatron's
 older wrapper (``megatron/training/tokenizer/tokenizer.py``), which megalite followed before:
 SentencePieceTokenizer adds ``<CLS> <SEP> <EOD> <MASK>``... after the model's pieces (eod
@@ -26,7 +29,7 @@ per document: ``prefix`` is a HF template's tokens (or the legacy Llama2 BOS), e
 (chunking.py): a way to cut a document into chunks whose encodings concatenate to the
 document's body. Preprocessing memoises chunk encodings through it, which is where its speed
 comes from; tokenizers whose configuration breaks the exactness argument get ``None``.
-Special-token ids follow Megatron-LM's ``megatron/training/tokenizer/tokenizer.py``.
+The legacy special-token ids follow Megatron-LM's ``megatron/training/tokenizer/tokenizer.py``.
 """
 
 from __future__ import annotations
