@@ -170,12 +170,15 @@ def test_gigatoken_refusing_a_model_falls_back(tmp_path):
 def test_bpe_without_byte_fallback_through_gigatoken(setup, tmp_path, capsys, kind):
     """A BPE model without byte fallback goes to gigatoken with byte pieces added; runs of
     unknown characters (here the rarest characters: 98% character coverage) come back as
-    one <unk> each, as sentencepiece gives them: the same bytes as the exact path."""
+    one <unk> each, as sentencepiece gives them: the same bytes as the exact path.
+    (SentencePieceTokenizer: its --tokenizer-sentencepiece-legacy rules, whose special-token
+    documents the fast path leaves to the tokenizer; without the flag it is the other type.)"""
+    legacy = {"tokenizer_sentencepiece_legacy": kind == "SentencePieceTokenizer"}
     pytest.importorskip("gigatoken")
     model = train_sentencepiece(
         str(tmp_path / "nbf.model"), byte_fallback=False, character_coverage=0.98
     )
-    tok = build_tokenizer(kind, model)
+    tok = build_tokenizer(kind, model, **legacy)
     odd = ["東京は日本の首都です 😀😀 x😀y", "😀", "a\u3000b ŋŋ ŋ", "ŋ", "ŋ😀 ŋ"]
     unk = tok.sp.unk_id()
     assert sum(ids.count(unk) for ids in tok.tokenize_body_batch(odd)) >= 6
@@ -187,7 +190,7 @@ def test_bpe_without_byte_fallback_through_gigatoken(setup, tmp_path, capsys, ki
     want, want_lengths = ragged(tok.tokenize_body_batch(texts))
     assert tokens.tolist() == want.tolist() and lengths.tolist() == want_lengths.tolist()
     src = write_jsonl(str(tmp_path / "odd.jsonl"), texts + EDGE_CASES + setup["docs"])
-    common = dict(tokenizer_args={"tokenizer_type": kind, "tokenizer_model": model})
+    common = dict(tokenizer_args={"tokenizer_type": kind, "tokenizer_model": model, **legacy})
     common.update(append_eod=True, workers=2)
     preprocess([src], str(tmp_path / "auto"), **common)
     assert "fast path: gigatoken, exact on the" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Every Megatron tokenizer type equals its reference, with Megatron's special-token ids.
 
 References are the libraries themselves (sentencepiece, tokenizers, tiktoken) driven the way
-Megatron-LM's ``megatron/training/tokenizer/tokenizer.py`` drives them; tokenizers are trained
+Megatron-LM drives them today (``megatron/core/tokenizers``; the ``legacy`` SentencePiece rules
+the way its older ``megatron/training/tokenizer/tokenizer.py`` did); tokenizers are trained
 here on text of this machine. Text: tests.test_data_tokenizers._documents (code, URLs,
 non-Latin scripts, emoji, whitespace runs, special-token look-alikes).
 """
@@ -116,7 +117,18 @@ def test_sentencepiece_types_ids_and_tokens(files):
     sp = spm.SentencePieceProcessor(model_file=files["sp"])
     docs = _documents() + ["a<EOD>b <CLS><SEP> x</s><s> <MASK><PAD>", "<extra_id_0> <EO"]
 
-    tok = build_tokenizer("SentencePieceTokenizer", files["sp"])
+    # Megatron-LM today: the three types are sentencepiece itself, eod </s>, no BOS
+    for kind in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        tok = build_tokenizer(kind, files["sp"])
+        assert (tok.eod, tok.vocab_size, tok.prefix) == (sp.eos_id(), 700, []), kind
+        assert [tok.tokenize(d) for d in docs] == sp.encode(docs), kind
+        assert tok.tokenize_batch(docs) == sp.encode(docs), kind
+    with pytest.raises(ValueError, match="--vocab-extra-ids 2: .*--tokenizer-sentencepiece-legacy"):
+        build_tokenizer("SentencePieceTokenizer", files["sp"], vocab_extra_ids=2)
+
+    # --tokenizer-sentencepiece-legacy: the older wrapper's rules
+    legacy = dict(tokenizer_sentencepiece_legacy=True)
+    tok = build_tokenizer("SentencePieceTokenizer", files["sp"], **legacy)
     # 700 pieces, then <CLS> <SEP> <EOD> <MASK>, <PAD> (the model has no pad); <s> </s> exist
     want = {"<CLS>": 700, "<SEP>": 701, "<EOD>": 702, "<MASK>": 703, "<PAD>": 704}
     want.update({"<s>": sp.bos_id(), "</s>": sp.eos_id()})
@@ -124,16 +136,18 @@ def test_sentencepiece_types_ids_and_tokens(files):
     for doc in docs:
         assert tok.tokenize(doc) == _megatron_sp_tokenize(sp, want, doc), repr(doc[:60])
     assert tok.tokenize_batch(docs) == [tok.tokenize(d) for d in docs]
-    extra = build_tokenizer("SentencePieceTokenizer", files["sp"], vocab_extra_ids=2)
+    extra = build_tokenizer("SentencePieceTokenizer", files["sp"], vocab_extra_ids=2, **legacy)
     assert extra.vocab_size == 707 and extra.tokenize("<extra_id_1>") == [706]
-
-    gpt = build_tokenizer("GPTSentencePieceTokenizer", files["sp"])
-    assert (gpt.eod, gpt.vocab_size, gpt.prefix) == (sp.eos_id(), 700, [])
-    assert [gpt.tokenize(d) for d in docs] == sp.encode(docs)
-
-    llama = build_tokenizer("Llama2Tokenizer", files["sp"])
+    as_text = build_tokenizer(
+        "SentencePieceTokenizer", files["sp"], special_tokens_as_text=True, **legacy
+    )
+    assert (as_text.eod, as_text.vocab_size) == (702, 705)
+    assert as_text.tokenize_batch(docs) == sp.encode(docs)
+    llama = build_tokenizer("Llama2Tokenizer", files["sp"], **legacy)
     assert (llama.eod, llama.vocab_size) == (sp.eos_id(), 700)
     assert [llama.tokenize(d) for d in docs] == [[sp.bos_id()] + ids for ids in sp.encode(docs)]
+    with pytest.raises(ValueError, match="--tokenizer-sentencepiece-legacy applies to"):
+        build_tokenizer("GPT2BPETokenizer", **legacy)
 
 
 def test_tiktokenizer_matches_tiktoken(files):
@@ -195,7 +209,7 @@ def test_huggingface_template_tokens_frame_each_document(files):
 )
 def test_preprocess_writes_the_reference_tokens(files, tmp_path, kind):
     """preprocess (2 workers, every fast path allowed) == tokenize(doc) + [eod] per document,
-    a document without tokens has no sequence (Llama2: [bos] alone is one, as in Megatron)."""
+    a document without tokens has no sequence (Llama2 included: no BOS, as in Megatron)."""
     flags = {
         "SentencePieceTokenizer": ["--tokenizer-model", files["sp"]],
         "Llama2Tokenizer": ["--tokenizer-model", files["sp"]],
@@ -220,5 +234,7 @@ def test_preprocess_writes_the_reference_tokens(files, tmp_path, kind):
     tok = build_tokenizer(**{k: v for k, v in args.items() if v is not None})
     want = [tok.tokenize(d) + [tok.eod] for d in docs if tok.tokenize(d)]
     assert [s.tolist() for s in IndexedDataset(out + "_text_document")] == want
+    # every input line is a document; those without tokens have no sequence
+    assert len(IndexedDataset(out + "_text_document").document_indices) == len(docs) + 1
     if kind == "Llama2Tokenizer":
-        assert [tok.prefix[0], tok.eod] in want  # the empty documents
+        assert "" in docs and tok.tokenize("") == []  # no BOS: the empty document stays empty

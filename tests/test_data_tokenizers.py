@@ -11,6 +11,7 @@ from megalite.data.encode import ChunkCache
 from megalite.data.tokenizers import (
     GPT2BPETokenizer,
     HuggingFaceTokenizer,
+    LegacySentencePieceTokenizer,
     NullTokenizer,
     SentencePieceTokenizer,
     build_tokenizer,
@@ -28,12 +29,17 @@ from tests.test_data_common import (
 def toks(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     bpe = train_byte_level_bpe(str(d / "bpe"))
+    sp_bpe = train_sentencepiece(str(d / "bpe.model"), "bpe")
     return {
-        "sp_bpe": SentencePieceTokenizer(train_sentencepiece(str(d / "bpe.model"), "bpe")),
+        "sp_bpe": SentencePieceTokenizer(sp_bpe),
+        "sp_legacy": LegacySentencePieceTokenizer(sp_bpe),
+        "sp_legacy_as_text": LegacySentencePieceTokenizer(sp_bpe, special_tokens_as_text=True),
         "sp_unigram": SentencePieceTokenizer(train_sentencepiece(str(d / "u.model"), "unigram")),
         "hf": HuggingFaceTokenizer(bpe["tokenizer_json"]),
         "hf_folder": HuggingFaceTokenizer(str(d / "bpe")),
         "gpt2": GPT2BPETokenizer(bpe["vocab"], bpe["merges"]),
+        "hf_as_text": HuggingFaceTokenizer(bpe["tokenizer_json"], special_tokens_as_text=True),
+        "gpt2_as_text": GPT2BPETokenizer(bpe["vocab"], bpe["merges"], special_tokens_as_text=True),
     }
 
 
@@ -77,8 +83,24 @@ def test_interface_and_round_trip(toks):
     assert toks["hf"].tokenize(text) == toks["gpt2"].tokenize(text)
     sp = toks["sp_bpe"]
     assert sp.detokenize(sp.tokenize("hello world")) == "hello world"
-    # Megatron's SentencePieceTokenizer: <CLS> <SEP> <EOD> <MASK> <PAD> after the 800 pieces
-    assert (sp.eod, sp.vocab_size) == (802, 805)
+    # Megatron-LM's SentencePieceTokenizer today: the 800 pieces, eod </s>, "<s>" is text
+    assert (sp.eod, sp.vocab_size) == (sp.sp.eos_id(), 800) == (2, 800)
+    assert sp.tokenize("C<s> and </s>") == sp.sp.encode("C<s> and </s>")
+    # --tokenizer-sentencepiece-legacy: <CLS> <SEP> <EOD> <MASK> <PAD> after the 800 pieces
+    legacy = toks["sp_legacy"]
+    assert (legacy.eod, legacy.vocab_size) == (802, 805)
+    assert legacy.tokenize("a<EOD>") == sp.sp.encode("a") + [802]
+    as_text = toks["sp_legacy_as_text"]
+    assert (as_text.eod, as_text.vocab_size) == (802, 805)
+    assert as_text.tokenize("a<EOD>") == sp.sp.encode("a<EOD>")
+    # the byte-level types: <|endoftext|> in a document is the eod token, or text with the flag
+    for name in ("hf", "gpt2"):
+        eod, plain = toks[name].eod, toks[name + "_as_text"]
+        assert toks[name].tokenize("a<|endoftext|>b") == plain.tokenize("a") + [
+            eod
+        ] + plain.tokenize("b")
+        assert eod not in plain.tokenize("a<|endoftext|>b")
+        assert plain.detokenize(plain.tokenize("a<|endoftext|>b")) == "a<|endoftext|>b"
     assert sentencepiece_model_type(sp.sp.serialized_model_proto()) == "bpe"
     assert toks["sp_unigram"].model_type == "unigram"
 
@@ -119,7 +141,9 @@ def _assert_cache_matches(tok, docs, append_eod=True, max_chunks=500):
         assert got.tolist() == want, repr(doc[:80])
 
 
-@pytest.mark.parametrize("name", ["sp_bpe", "hf", "gpt2"])
+@pytest.mark.parametrize(
+    "name", ["sp_bpe", "sp_legacy", "sp_legacy_as_text", "hf", "gpt2", "hf_as_text", "gpt2_as_text"]
+)
 @pytest.mark.parametrize("append_eod", [False, True])
 def test_fast_path_is_token_identical(toks, name, append_eod):
     _assert_cache_matches(toks[name], _documents(), append_eod)

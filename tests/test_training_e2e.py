@@ -174,7 +174,7 @@ PINNED_FLAGS = """
 --no-rope-fusion --no-gradient-accumulation-fusion --use-flash-attn --transformer-impl
 --fp8-format --fp8-amax-history-len --fp8-amax-compute-algo --fp8-param-gather
 --context-parallel-size --log-num-zeros-in-grad --tiktoken-num-special-tokens
---tiktoken-special-tokens --vocab-extra-ids --cp-comm-type
+--tiktoken-special-tokens --vocab-extra-ids --tokenizer-sentencepiece-legacy --cp-comm-type
 --num-experts --moe-router-topk --moe-router-score-function --moe-router-pre-softmax
 --moe-router-topk-scaling-factor --moe-router-enable-expert-bias --moe-router-bias-update-rate
 --moe-ffn-hidden-size --moe-shared-expert-intermediate-size --moe-layer-freq

@@ -203,6 +203,60 @@ def test_shape_mismatch_is_named_with_reshard_hint(tmp_path):
     assert "tools/checkpoint_reshard.py" in text
 
 
+def test_sentencepiece_vocabulary_change_is_explained(tmp_path):
+    """A checkpoint trained with last round's SentencePieceTokenizer (800 pieces + <CLS> <SEP>
+    <EOD> <MASK> <PAD>) against today's (the 800 pieces): the error names both sizes, the ids
+    and what reads them; --tokenizer-sentencepiece-legacy gives the old vocabulary back."""
+    from megalite.config.fields import to_dict
+    from megalite.training.trainer import tokenizer_vocab_size
+    from tests.test_data_common import train_sentencepiece
+
+    model_file = train_sentencepiece(str(tmp_path / "sp.model"))
+    base = [a for a in BASE if a not in ("--mock-data", "--vocab-size", "128")]
+    flags = base + ["--data-path", str(tmp_path / "data"), "--tokenizer-type"]
+    flags += ["SentencePieceTokenizer", "--tokenizer-model", model_file]
+    cfg = resolved_config(flags, 8)
+    model = cfg.model_config(tokenizer_vocab_size(cfg))
+    assert model.vocab_size == 800
+    # last round's meta.json: its settings predate the flag
+    saved = {k: v for k, v in to_dict(cfg.data).items() if k != "tokenizer_sentencepiece_legacy"}
+    meta = {"model": {"vocab_size": 805}, "settings": saved}
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.check_compatible(meta, model, tmp_path, to_dict(cfg.data))
+    text = str(e.value)
+    assert (
+        "vocabulary size (of the tokenizer, or --vocab-size): checkpoint 805, this run 800" in text
+    )
+    assert "ids 800..804" in text
+    assert "<CLS> 800, <SEP> 801, <EOD> 802, <MASK> 803, <PAD> 804" in text
+    assert "every document ended in <EOD> 802" in text and "eod </s> 2" in text
+    assert "add --tokenizer-sentencepiece-legacy" in text
+
+    legacy = resolved_config(flags + ["--tokenizer-sentencepiece-legacy"], 8)
+    old_model = legacy.model_config(tokenizer_vocab_size(legacy))
+    assert old_model.vocab_size == 805
+    ckpt.check_compatible(meta, old_model, tmp_path, to_dict(legacy.data))  # loads
+
+    # the other way round: a checkpoint made with the flag, a run without it
+    meta = {"model": {"vocab_size": 805}, "settings": to_dict(legacy.data)}
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.check_compatible(meta, model, tmp_path, to_dict(cfg.data))
+    assert "--tokenizer-sentencepiece-legacy`, this run's is `--tokenizer-type" in str(e.value)
+
+
+def test_data_of_the_old_sentencepiece_rule_names_the_legacy_flag():
+    """Data preprocessed with last round's SentencePieceTokenizer (eod <EOD> = 32002 past the
+    32000 pieces), trained with today's: the error says which flag reads it."""
+    from megalite.training.data import DataError, collate
+
+    sample = {"tokens": np.array([5, 32002]), "labels": np.array([32002, 7])}
+    with pytest.raises(DataError) as e:
+        collate([sample], [0], vocab_size=32000)
+    text = str(e.value)
+    assert "holds token id 32002, outside the vocabulary of 32000" in text
+    assert "train on it with --tokenizer-sentencepiece-legacy" in text
+
+
 def test_corrupt_tracker_and_meta(tmp_path):
     (tmp_path / ckpt.TRACKER).write_text("banana")
     with pytest.raises(ckpt.CheckpointError, match="expected an iteration number"):

@@ -346,15 +346,25 @@ def publish_iteration(root: Path, iteration: int, tmp: Path) -> Path:
 
 
 # --- load --------------------------------------------------------------------------------------
-def check_compatible(meta: dict, model: Any, path: Path) -> None:
+def check_compatible(meta: dict, model: Any, path: Path, settings: Optional[dict] = None) -> None:
     """Refuse a checkpoint whose model shape or TP/PP differ from this run's `model`
-    (a GPTConfig), naming each differing flag."""
+    (a GPTConfig), naming each differing flag. `settings`: this run's flat settings; with them
+    a vocabulary that differs is explained (which tokenizer flags, which token ids, what to
+    add to read the data it was trained on: ``megalite.data.config.vocabulary_change``)."""
     saved = meta["model"]
     diffs = []
     for name in MODEL_SHAPE_FIELDS + LAYOUT_FIELDS:
         if saved.get(name) is not None and getattr(model, name) != saved[name]:
             flag = DERIVED_NAMES.get(name, "--" + name.replace("_", "-"))
-            diffs.append(f"{flag}: checkpoint {saved[name]!r}, this run {getattr(model, name)!r}")
+            diff = f"{flag}: checkpoint {saved[name]!r}, this run {getattr(model, name)!r}"
+            if name == "vocab_size" and settings is not None:
+                from megalite.data.config import vocabulary_change
+
+                why = vocabulary_change(
+                    meta.get("settings", {}), settings, int(saved[name]), int(model.vocab_size)
+                )
+                diff += f" ({why})"
+            diffs.append(diff)
     if diffs:
         hint = ""
         if any(

@@ -36,7 +36,14 @@ class DataConfig:
     tiktoken_special_tokens: Optional[list[str]] = option(
         None, "TikTokenizer: special tokens (default <unk> <s> </s>)", nargs="+"
     )
-    vocab_extra_ids: int = option(0, "SentencePieceTokenizer: extra <extra_id_N> tokens")
+    vocab_extra_ids: int = option(
+        0, "SentencePieceTokenizer with --tokenizer-sentencepiece-legacy: extra <extra_id_N>"
+    )
+    tokenizer_sentencepiece_legacy: bool = option(
+        False,
+        "the older Megatron wrapper's vocabulary: SentencePieceTokenizer adds <CLS> <SEP> <EOD> "
+        "<MASK>... after the pieces (eod <EOD>); for data and checkpoints made that way",
+    )
     num_workers: int = option(2, "accepted; samples are read in the training process")
     no_mmap_bin_files: bool = option(False, "accepted; .bin files are always memory-mapped")
     no_create_attention_mask_in_dataloader: bool = option(
@@ -70,6 +77,7 @@ TOKENIZER_SETTINGS = (
     "tiktoken_num_special_tokens",
     "tiktoken_special_tokens",
     "vocab_extra_ids",
+    "tokenizer_sentencepiece_legacy",
 )
 
 
@@ -80,3 +88,65 @@ def tokenizer_from_settings(settings: Mapping[str, Any]):
 
     kwargs = {k: settings[k] for k in TOKENIZER_SETTINGS if settings.get(k) is not None}
     return build_tokenizer(**kwargs)
+
+
+def _tokenizer_flags(settings: Mapping[str, Any]) -> str:
+    names = [k for k in TOKENIZER_SETTINGS if settings.get(k) not in (None, False, 0)]
+    return " ".join(f"--{k.replace('_', '-')} {settings[k]}" for k in names).replace(" True", "")
+
+
+def vocabulary_change(
+    saved: Mapping[str, Any], run: Mapping[str, Any], saved_vocab: int, run_vocab: int
+) -> str:
+    """Why a checkpoint's vocabulary (``saved_vocab``, its tokenizer settings ``saved``) is not
+    this run's (``run_vocab``, settings ``run``), and what reads it: a sentence for the error.
+
+    The case it names in full: a SentencePieceTokenizer checkpoint trained with megalite's
+    earlier rule (the older Megatron wrapper's added ``<CLS> <SEP> <EOD> <MASK>...``, now
+    behind ``--tokenizer-sentencepiece-legacy``), loaded by today's tokenizer (its pieces only).
+    """
+    differ = [k for k in TOKENIZER_SETTINGS if (saved.get(k) or None) != (run.get(k) or None)]
+    legacy_flag = "--tokenizer-sentencepiece-legacy"
+    if (
+        saved.get("tokenizer_type") == run.get("tokenizer_type") == "SentencePieceTokenizer"
+        and not saved.get("tokenizer_sentencepiece_legacy")
+        and not run.get("tokenizer_sentencepiece_legacy")
+        and saved_vocab > run_vocab
+    ):
+        try:
+            old = tokenizer_from_settings({**saved, "tokenizer_sentencepiece_legacy": True})
+            eod = f"eod </s> {tokenizer_from_settings(run).eod}"
+        except (ValueError, OSError):
+            old, eod = None, "eod </s>"
+        if old is not None and old.vocab_size == saved_vocab:
+            added = ", ".join(
+                f"{t} {i}" for t, i in sorted(old.special_tokens.items(), key=lambda x: x[1])
+                if i >= run_vocab
+            )  # fmt: skip
+            what = (
+                f"ids {run_vocab}..{saved_vocab - 1} are the tokens megalite's earlier "
+                f"SentencePieceTokenizer added after the model's {run_vocab} pieces ({added}; "
+                f"every document ended in <EOD> {old.eod})"
+            )
+        else:
+            what = (
+                f"ids {run_vocab}..{saved_vocab - 1} are {saved_vocab - run_vocab} tokens "
+                "added after the model's pieces, as megalite's earlier SentencePieceTokenizer "
+                "did (<CLS> <SEP> <EOD> <MASK>...)"
+            )
+        return (
+            f"{what}; SentencePieceTokenizer now follows Megatron-LM (the model's pieces only, "
+            f"{eod}, vocabulary {run_vocab}). Data preprocessed the old way holds those ids: "
+            f"to keep training this checkpoint (on that data, or on data preprocessed today), "
+            f"add {legacy_flag}, which gives the old vocabulary of {saved_vocab} back; "
+            f"tools/preprocess_data.py {legacy_flag} writes more data the old way"
+        )
+    if differ:
+        return (
+            f"the checkpoint's tokenizer was `{_tokenizer_flags(saved)}`, this run's is "
+            f"`{_tokenizer_flags(run)}`: give the checkpoint's tokenizer flags to train it on"
+        )
+    return (
+        f"the same tokenizer flags (`{_tokenizer_flags(run)}`) give {run_vocab} tokens today "
+        f"and gave {saved_vocab} when the checkpoint was saved: its files changed"
+    )

@@ -5,8 +5,8 @@ self-check: gigatoken and the reference tokenizer (``tokenize_body_batch``: the 
 library, or ``sentencepiece``) encode a sample of the input plus ``PROBES`` (text that
 separates exact tokenizers from near ones: special-token look-alikes, whitespace runs, exotic
 spaces, scripts, emoji, code). Any token that differs, and preprocessing keeps its own exact
-path and says why. Documents holding the text of a tokenizer's special tokens or control pieces
-(``exact_only_pattern``) never go through gigatoken.
+path and says why. Documents holding the text of a tokenizer's special or added tokens or control
+pieces (``exact_only_pattern``) never go through gigatoken.
 
 Which tokenizers are tried: HuggingFaceTokenizer and GPT2BPETokenizer (byte-level BPE), and the
 SentencePiece BPE types (gigatoken's SentencePiece path reads ``<s>`` in text as the control
@@ -56,11 +56,16 @@ SAMPLE_BYTES = 1 << 18  # this many characters (the reference tokenizer is the s
 
 def exact_only_pattern(tokenizer: Tokenizer) -> Optional[re.Pattern]:
     """Text that sends a document to the tokenizer itself, never to the fast path: the
-    tokenizer's special tokens (SentencePieceTokenizer splits at them) and, for SentencePiece
-    models, the text of their control and unknown pieces (``<s>``, ``</s>``, ``<unk>``), which
-    gigatoken reads as those pieces where ``sentencepiece`` encodes the characters. On a 93 MB
-    corpus with a 16k byte-fallback BPE, all 71 documents gigatoken got wrong held such text."""
+    tokenizer's special tokens (the legacy SentencePieceTokenizer splits at them), the added
+    tokens of a ``tokenizers`` tokenizer (``<|endoftext|>``: with ``--special-tokens-as-text``
+    the library encodes it as characters, a setting that its JSON, which gigatoken reads, does
+    not carry) and, for SentencePiece models, the text of their control and unknown pieces
+    (``<s>``, ``</s>``, ``<unk>``), which gigatoken reads as those pieces where
+    ``sentencepiece`` encodes the characters. On a 93 MB corpus with a 16k byte-fallback BPE,
+    all 71 documents gigatoken got wrong held such text."""
     texts = set(getattr(tokenizer, "special_tokens", {}) or {})
+    if isinstance(tokenizer, HuggingFaceTokenizer):
+        texts.update(a.content for a in tokenizer.tok.get_added_tokens_decoder().values())
     if isinstance(tokenizer, GPTSentencePieceTokenizer):
         sp = tokenizer.sp
         for i in range(sp.get_piece_size()):

@@ -20,6 +20,10 @@ line (malformed JSON, missing key, non-string value, parquet null) stops the run
 ``file:line`` unless ``--skip-bad-lines``. A document with no tokens (empty text) stays in the
 index as a document of no sequences, as Megatron's ``preprocess_data.py`` writes it.
 Encoding goes through gigatoken when its start-up self-check shows it exact (fastpath.py).
+Tokens are Megatron-LM's, byte for byte (tokenizers.py has the rules per type; the test
+``tests/test_data_megatron_fixture.py`` compares with its output): no BOS, eod ``</s>`` for the
+SentencePiece types, ``<|endoftext|>`` text becomes that token for the byte-level ones unless
+``--special-tokens-as-text``; ``--tokenizer-sentencepiece-legacy`` writes megalite's old rules.
 """
 
 from __future__ import annotations
@@ -386,6 +390,21 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         nargs="+",
         help="TikTokenizer: must hold <unk> <s> </s> (default: those three)",
     )
+    g.add_argument(
+        "--special-tokens-as-text",
+        action="store_true",
+        help="encode the text of special tokens inside documents as plain characters, for "
+        "every type; without it, as Megatron-LM: GPT2BPETokenizer and HuggingFaceTokenizer turn "
+        "it (<|endoftext|>, a tokenizer.json's special tokens) into those tokens, the other "
+        "types encode it as text already (legacy SentencePieceTokenizer: as text too)",
+    )
+    g.add_argument(
+        "--tokenizer-sentencepiece-legacy",
+        action="store_true",
+        help="the older Megatron wrapper's rules (megalite before they changed): "
+        "SentencePieceTokenizer adds <CLS> <SEP> <EOD> <MASK>... after the pieces (eod <EOD>, "
+        "their text becomes them), Llama2Tokenizer puts BOS before every document",
+    )
     g.add_argument("--append-eod", action="store_true", help="append eod after each document")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/idx")
@@ -434,6 +453,8 @@ def run(args: argparse.Namespace) -> int:
         vocab_file=args.vocab_file,
         merge_file=args.merge_file,
         vocab_size=args.vocab_size,
+        special_tokens_as_text=args.special_tokens_as_text,
+        tokenizer_sentencepiece_legacy=args.tokenizer_sentencepiece_legacy,
     )
     if args.tokenizer_type == "TikTokenizer":
         tokenizer_args.update(

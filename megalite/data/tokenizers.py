@@ -1,17 +1,35 @@
 """Megatron's tokenizer types; every one reads local files, nothing is fetched.
 
 Common interface (``Tokenizer``): ``vocab_size``, ``eod`` (the id appended after each document),
-``tokenize(text) -> list[int]`` and ``tokenize_batch(texts)`` with Megatron's semantics for the
-type (Llama2Tokenizer puts BOS in front; SentencePieceTokenizer turns special-token text into
-special tokens; the others encode plain text), ``detokenize(ids) -> str``. Preprocessing writes
-``prefix + body + suffix + [eod]`` per document: ``prefix`` is ``[bos]`` for Llama2Tokenizer
-(and a HF template's tokens), else empty; ``tokenize_body_batch`` gives the body.
+``tokenize(text) -> list[int]`` and ``tokenize_batch(texts)`` with the semantics of Megatron-LM
+today (``megatron/core/tokenizers``, what its ``tools/preprocess_data.py`` writes), checked byte
+for byte against its output in ``tests/test_data_megatron_fixture.py``:
+
+| type | BOS | eod | special-token text in a document |
+|---|---|---|---|
+| SentencePieceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer | none | ``</s>`` | text |
+| HuggingFaceTokenizer | its template's | ``eos_token`` | its added tokens |
+| GPT2BPETokenizer | none | ``<|endoftext|>`` | ``<|endoftext|>`` |
+| TikTokenizer | none | ``</s>`` | text |
+
+``special_tokens_as_text=True`` (``--special-tokens-as-text``) encodes the text of special tokens
+as plain characters for every type (what changes: the byte-level types, whose special added
+tokens, ``<|endoftext|>``, then stay text, and the legacy SentencePieceTokenizer; the others
+encode such text as characters already; non-special added tokens and SentencePiece's
+user-defined pieces are vocabulary, matched as before). ``legacy=True``
+(``--tokenizer-sentencepiece-legacy``) gives the SentencePiece types the rules of Megatron's
+older wrapper (``megatron/training/tokenizer/tokenizer.py``), which megalite followed before:
+SentencePieceTokenizer adds ``<CLS> <SEP> <EOD> <MASK>``... after the model's pieces (eod
+``<EOD>``, their text becomes those tokens), Llama2Tokenizer puts BOS in front of every
+document. ``detokenize(ids) -> str``. Preprocessing writes ``prefix + body + suffix + [eod]``
+per document: ``prefix`` is a HF template's tokens (or the legacy Llama2 BOS), else empty;
+``tokenize_body_batch`` gives the body.
 
 ``exact_splitter()`` returns, when the tokenizer's own rules allow it, an ``ExactSplitter``
 (chunking.py): a way to cut a document into chunks whose encodings concatenate to the
 document's body. Preprocessing memoises chunk encodings through it, which is where its speed
 comes from; tokenizers whose configuration breaks the exactness argument get ``None``.
-Special-token ids follow Megatron-LM's ``megatron/training/tokenizer/tokenizer.py``.
+The legacy special-token ids follow Megatron-LM's ``megatron/training/tokenizer/tokenizer.py``.
 """
 
 from __future__ import annotations
@@ -43,6 +61,8 @@ class Tokenizer:
     prefix: list[int] = []  # ids put in front of every document (Llama2Tokenizer: [bos])
     suffix: list[int] = []  # ids put after every document's own (before eod)
     special_pattern = None  # a compiled regex of special-token text that tokenize() splits at
+    special_tokens_as_text = False  # --special-tokens-as-text: such text stays characters
+    legacy = False  # --tokenizer-sentencepiece-legacy: the older Megatron wrapper's rules
 
     @property
     def eod(self) -> int:
@@ -109,15 +129,20 @@ class GPTSentencePieceTokenizer(Tokenizer):
 
 
 class Llama2Tokenizer(GPTSentencePieceTokenizer):
-    """Megatron's Llama2Tokenizer: a SentencePiece model whose ``tokenize`` puts BOS in front
-    of every document (Megatron's default ``bos=True``; preprocessing writes it too);
-    ``eod`` = eos; ``vocab_size`` = the piece count."""
+    """Megatron's Llama2Tokenizer: today the same as GPTSentencePieceTokenizer (no BOS,
+    ``eod`` = eos, ``vocab_size`` = the piece count). ``legacy``: as Megatron's older wrapper,
+    BOS in front of every document (an empty one then becomes ``[bos, eod]``)."""
 
-    def __init__(self, model_file: str):
+    def __init__(self, model_file: str, legacy: bool = False):
         super().__init__(model_file)
-        if self.sp.bos_id() < 0:
-            raise ValueError(f"Llama2Tokenizer: --tokenizer-model {model_file} has no BOS piece")
-        self.prefix = [self.sp.bos_id()]
+        self.legacy = legacy
+        if legacy:
+            if self.sp.bos_id() < 0:
+                raise ValueError(
+                    f"Llama2Tokenizer --tokenizer-sentencepiece-legacy: --tokenizer-model "
+                    f"{model_file} has no BOS piece"
+                )
+            self.prefix = [self.sp.bos_id()]
 
     def tokenize(self, text: str) -> list[int]:
         return self.prefix + self.sp.encode(text)
@@ -130,15 +155,30 @@ class Llama2Tokenizer(GPTSentencePieceTokenizer):
 
 
 class SentencePieceTokenizer(GPTSentencePieceTokenizer):
-    """Megatron's SentencePieceTokenizer: the model's pieces, then the special tokens
+    """Megatron-LM's SentencePieceTokenizer today (``megatron/core/tokenizers``, not legacy):
+    the model's own pieces, plain encode (``<s>`` in a document is three characters, as in
+    ``sentencepiece``), ``eod`` = its ``</s>``, ``vocab_size`` = the piece count; the same as
+    GPTSentencePieceTokenizer. ``LegacySentencePieceTokenizer`` keeps the older rules."""
+
+
+class LegacySentencePieceTokenizer(SentencePieceTokenizer):
+    """``--tokenizer-sentencepiece-legacy``: SentencePieceTokenizer as Megatron's older wrapper
+    (``_SentencePieceTokenizer`` of ``megatron/training/tokenizer/tokenizer.py``) and megalite
+    before this rule changed: the model's pieces, then the special tokens
     ``<CLS> <SEP> <EOD> <MASK>``, the pad / bos / eos pieces (``<PAD> <BOS> <EOS>`` when the
     model has none) and ``<extra_id_0..N-1>`` for ``vocab_extra_ids``, each given the next id
     unless the model already has that piece. ``eod`` = ``<EOD>``; ``vocab_size`` counts them all.
-    As in Megatron, the text of a special token inside a document becomes that token.
+    The text of a special token inside a document becomes that token, unless
+    ``special_tokens_as_text``. Read data preprocessed this way, and checkpoints trained on it.
     """
 
-    def __init__(self, model_file: str, vocab_extra_ids: int = 0):
+    legacy = True
+
+    def __init__(
+        self, model_file: str, vocab_extra_ids: int = 0, special_tokens_as_text: bool = False
+    ):
         super().__init__(model_file)
+        self.special_tokens_as_text = special_tokens_as_text
         sp = self.sp
         vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
         self.special_tokens: dict[str, int] = {}
@@ -159,9 +199,12 @@ class SentencePieceTokenizer(GPTSentencePieceTokenizer):
         self._eod = self.special_tokens["<EOD>"]
         self._inv_special = {i: t for t, i in self.special_tokens.items()}
         # leftmost occurrence first; at one position the earliest-added token (Megatron's rule)
-        self.special_pattern = re.compile("|".join(map(re.escape, self.special_tokens)))
+        if not special_tokens_as_text:
+            self.special_pattern = re.compile("|".join(map(re.escape, self.special_tokens)))
 
     def tokenize(self, text: str) -> list[int]:
+        if self.special_pattern is None:
+            return self.sp.encode(text)
         ids, at = [], 0
         for m in self.special_pattern.finditer(text):
             ids += self.sp.encode(text[at : m.start()])
@@ -170,6 +213,8 @@ class SentencePieceTokenizer(GPTSentencePieceTokenizer):
         return ids + self.sp.encode(text[at:])
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.special_pattern is None:
+            return self.sp.encode(texts)
         search = self.special_pattern.search
         plain = [i for i, t in enumerate(texts) if not search(t)]
         out = [None] * len(texts)
@@ -195,8 +240,8 @@ class SentencePieceTokenizer(GPTSentencePieceTokenizer):
         """The SentencePiece word splitter; documents holding a special token's text are
         encoded whole (by ``tokenize``)."""
         inner = sentencepiece_splitter(self)
-        if inner is None:
-            return None
+        if inner is None or self.special_pattern is None:
+            return inner
         search, split = self.special_pattern.search, inner.split
 
         def guarded(text: str):
@@ -211,10 +256,13 @@ class HuggingFaceTokenizer(Tokenizer):
     ``eod``: the ``eos_token`` of a ``tokenizer_config.json`` next to it, else the first of
     ``<|endoftext|>``, ``<|end_of_text|>``, ``</s>``, ``<eos>`` in the vocabulary. As Megatron
     calls the tokenizer with its template, a post-processor's tokens (a Llama-3 tokenizer.json's
-    BOS) frame every document: ``prefix`` / ``suffix``, found by encoding a probe text.
+    BOS) frame every document: ``prefix`` / ``suffix``, found by encoding a probe text. As
+    Megatron's (``transformers``), the text of an added token in a document becomes that token;
+    ``special_tokens_as_text``: the text of a *special* added token is encoded as characters
+    (the library's ``encode_special_tokens``; non-special added tokens are vocabulary words).
     """
 
-    def __init__(self, path: str, _tokenizer=None):
+    def __init__(self, path: str, _tokenizer=None, special_tokens_as_text: bool = False):
         from tokenizers import Tokenizer as HFTokenizer
 
         if _tokenizer is None:
@@ -228,6 +276,8 @@ class HuggingFaceTokenizer(Tokenizer):
                 raise ValueError(f"--tokenizer-model {file}: not a tokenizer.json ({e})") from e
         self.path = path
         self.tok = _tokenizer
+        self.special_tokens_as_text = special_tokens_as_text
+        self.tok.encode_special_tokens = special_tokens_as_text
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self._eod = self._find_eod(path)
         self.prefix, self.suffix = self._template()
@@ -277,13 +327,15 @@ class HuggingFaceTokenizer(Tokenizer):
 class GPT2BPETokenizer(HuggingFaceTokenizer):
     """GPT-2 byte-level BPE from ``vocab.json`` + ``merges.txt``; ``eod`` = ``<|endoftext|>``.
 
-    Built as a ``tokenizers`` byte-level BPE. As in Megatron's GPT-2 tokenizer, the text
-    ``<|endoftext|>`` inside a document is encoded as plain characters, not as the eod token.
+    Built as a ``tokenizers`` byte-level BPE with ``<|endoftext|>`` as its special token (the
+    vocabulary's id, else the next one). As Megatron-LM today (``transformers``' GPT-2 tokenizer
+    from the two files), the text ``<|endoftext|>`` inside a document becomes the eod token,
+    unless ``special_tokens_as_text``.
     """
 
-    def __init__(self, vocab_file: str, merge_file: str):
+    def __init__(self, vocab_file: str, merge_file: str, special_tokens_as_text: bool = False):
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers
 
         _need_file(vocab_file, "--vocab-file", type(self).__name__)
         _need_file(merge_file, "--merge-file", type(self).__name__)
@@ -296,7 +348,8 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
         tok = HFTokenizer(bpe)
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        super().__init__(None, _tokenizer=tok)
+        tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+        super().__init__(None, _tokenizer=tok, special_tokens_as_text=special_tokens_as_text)
         self.vocab_file, self.merge_file = vocab_file, merge_file
         self._eod = tok.token_to_id("<|endoftext|>")
 
@@ -332,25 +385,44 @@ def build_tokenizer(
     tiktoken_num_special_tokens: int = 1000,
     tiktoken_special_tokens: Optional[list[str]] = None,
     vocab_extra_ids: int = 0,
+    tokenizer_sentencepiece_legacy: bool = False,
+    special_tokens_as_text: bool = False,
 ) -> Tokenizer:
     """Build a tokenizer from Megatron's flags (``--tokenizer-type``, ``--tokenizer-model``,
     ``--vocab-file``, ``--merge-file``, ``--vocab-size``, ``--tiktoken-pattern``,
-    ``--tiktoken-num-special-tokens``, ``--tiktoken-special-tokens``, ``--vocab-extra-ids``).
+    ``--tiktoken-num-special-tokens``, ``--tiktoken-special-tokens``, ``--vocab-extra-ids``,
+    ``--tokenizer-sentencepiece-legacy``) and ``--special-tokens-as-text``.
     A missing file raises ``FileNotFoundError`` naming the flag and the path; an unknown type
     or a bad setting, ``ValueError``."""
+    as_text = bool(special_tokens_as_text)
+    if vocab_extra_ids and tokenizer_type == "SentencePieceTokenizer":
+        if not tokenizer_sentencepiece_legacy:
+            raise ValueError(
+                f"--vocab-extra-ids {vocab_extra_ids}: SentencePieceTokenizer adds "
+                "<extra_id_N> tokens only with --tokenizer-sentencepiece-legacy (Megatron-LM's "
+                "SentencePieceTokenizer today adds none)"
+            )
     if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
         _need_file(tokenizer_model, "--tokenizer-model", tokenizer_type)
         if tokenizer_type == "SentencePieceTokenizer":
-            return SentencePieceTokenizer(tokenizer_model, vocab_extra_ids=vocab_extra_ids)
+            if tokenizer_sentencepiece_legacy:
+                return LegacySentencePieceTokenizer(tokenizer_model, vocab_extra_ids, as_text)
+            return SentencePieceTokenizer(tokenizer_model)
         if tokenizer_type == "Llama2Tokenizer":
-            return Llama2Tokenizer(tokenizer_model)
+            return Llama2Tokenizer(tokenizer_model, legacy=bool(tokenizer_sentencepiece_legacy))
         return GPTSentencePieceTokenizer(tokenizer_model)
+    if tokenizer_sentencepiece_legacy:
+        raise ValueError(
+            f"--tokenizer-sentencepiece-legacy applies to SentencePieceTokenizer and "
+            f"Llama2Tokenizer, not --tokenizer-type {tokenizer_type}"
+        )
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(
-            _need_file(tokenizer_model, "--tokenizer-model", tokenizer_type)
+            _need_file(tokenizer_model, "--tokenizer-model", tokenizer_type),
+            special_tokens_as_text=as_text,
         )
     if tokenizer_type == "GPT2BPETokenizer":
-        return GPT2BPETokenizer(vocab_file, merge_file)
+        return GPT2BPETokenizer(vocab_file, merge_file, special_tokens_as_text=as_text)
     if tokenizer_type == "TikTokenizer":
         from megalite.data.tiktokenizer import TikTokenizer
 

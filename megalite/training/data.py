@@ -92,7 +92,10 @@ def collate(
             raise DataError(
                 f"sample {indices[row]} of {getattr(dataset, 'name', type(dataset).__name__)} "
                 f"holds token id {value}, outside the vocabulary of {vocab_size}: was the data "
-                f"tokenized with another tokenizer (or --vocab-size too small)?"
+                f"tokenized with another tokenizer (or --vocab-size too small)? Data that "
+                f"megalite's earlier SentencePieceTokenizer wrote holds ids past the model's "
+                f"pieces (its added <CLS> <SEP> <EOD> <MASK>..., every document ending in "
+                f"<EOD>): train on it with --tokenizer-sentencepiece-legacy"
             )
     if device is not None and device.type != "cpu":
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

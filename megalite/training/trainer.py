@@ -192,7 +192,7 @@ class Trainer:
         if folder is None:
             self._say(f"no checkpoint in --load {c.load}: training from scratch")
             return None
-        ckpt.check_compatible(meta, self.config, folder)
+        ckpt.check_compatible(meta, self.config, folder, to_dict(self.cfg.data))
         self._check_expert_layout(meta, folder)
         coords = {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.ckpt_dp_rank}
         if self.moe is not None:  # a resharded MoE checkpoint keeps experts per (ep, etp)
