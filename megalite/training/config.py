@@ -71,11 +71,16 @@ class TrainingConfig:
     calculate_per_token_loss: bool = option(
         False, "loss = sum over tokens / tokens of the global batch (megalite's loss already is)"
     )
-    manual_gc: bool = option(False, "turn Python's automatic GC off; collect every interval")
-    manual_gc_interval: int = option(0, "iterations between collections (0: only at eval/save)")
-    empty_unused_memory_level: int = option(
-        0, "1/2: release cached accelerator memory after steps", choices=(0, 1, 2)
+    manual_gc: bool = option(
+        False, "automatic GC off; collect at start, around eval, after save and every interval"
     )
+    manual_gc_interval: int = option(
+        0, "iterations between --manual-gc collections (0: only at eval/save)"
+    )
+    empty_unused_memory_level: int = option(
+        0, "empty the CUDA cache: 1 after each forward-backward and eval iteration, 2 also after "
+        "each optimizer step", choices=(0, 1, 2),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if (self.train_iters is None) == (self.train_samples is None):
@@ -84,7 +89,7 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        for name in ("train_iters", "train_samples"):
+        for name in ("train_iters", "train_samples", "manual_gc_interval"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
