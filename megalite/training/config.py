@@ -102,6 +102,29 @@ class TrainingConfig:
                 )
 
 
+def _refuse_ddp_flags_under_deepspeed(p: ParallelConfig) -> None:
+    """megalite's DDP flags do nothing under DeepSpeed's engine (it reduces gradients itself):
+    name each one given and the DeepSpeed config key that does its job."""
+    given = []
+    if p.grad_reduce_in_bf16:
+        given.append('--grad-reduce-in-bf16 (DeepSpeed: "communication_data_type": "bf16")')
+    if p.overlap_grad_reduce:
+        given.append(
+            '--overlap-grad-reduce (DeepSpeed: "zero_optimization": {"overlap_comm": true})'
+        )
+    if p.ddp_bucket_size is not None:
+        given.append(
+            f"--ddp-bucket-size {p.ddp_bucket_size} (DeepSpeed: "
+            f'"zero_optimization": {{"reduce_bucket_size": {p.ddp_bucket_size}}})'
+        )
+    if given:
+        raise ConfigError(
+            f"with --deepspeed, DeepSpeed's engine reduces the gradients and megalite's DDP flags "
+            f"would be ignored: drop {'; '.join(given)} and set the key in --deepspeed_config "
+            f"{p.deepspeed_config} instead"
+        )
+
+
 @dataclass
 class CheckpointConfig:
     """Where and when checkpoints are written, and what is loaded."""
@@ -298,6 +321,7 @@ class RunConfig:
                 )
             if t.rampup_batch_size is not None:
                 raise ConfigError("--rampup-batch-size is not supported with --deepspeed")
+            _refuse_ddp_flags_under_deepspeed(p)
         return self
 
     def _check_moe(self, world_size: int) -> None:

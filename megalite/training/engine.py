@@ -232,8 +232,9 @@ class DeepSpeedEngine(Engine):
         self.empty_unused_memory_level = t.empty_unused_memory_level
 
     def set_lr(self, lr: float, decoupled_lr: Optional[float]) -> None:
+        # the --decoupled-lr groups (embedding, output layer) are marked by deepspeed_bridge
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = decoupled_lr if group.get("decoupled_lr") else lr
 
     def train_step(self, micro: list, num_microbatches: int) -> StepResult:
         outputs = []
