@@ -333,6 +333,7 @@ class RunConfig:
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
             context_parallel_size=p.context_parallel_size, deepspeed=p.deepspeed,
             sequence_parallel=p.sequence_parallel, seq_length=self.model.seq_length,
+            num_layers=self.model.num_layers, ffn_hidden_size=self.model.ffn_hidden_size,
         )  # fmt: skip
 
     def _batch_sizes(self) -> list[tuple[int, str]]:
