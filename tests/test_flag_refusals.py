@@ -85,3 +85,39 @@ def test_the_nearby_moe_layouts_are_accepted(monkeypatch, capsys, world, flags):
 def test_cp_and_sp_splits_are_refused_at_validation(monkeypatch, capsys, world, flags, message):
     status, err = _dry_run(monkeypatch, capsys, world, flags)
     assert status == 2 and message in err, err
+
+
+def test_ckpt_format_torch_dist_is_refused_and_torch_accepted(monkeypatch, capsys):
+    """Megatron's torch_dist reloads at another layout; megalite's files do not: refused with the
+    offline converter named, instead of accepted and ignored."""
+    status, err = _dry_run(monkeypatch, capsys, 1, "--seq-length 16 --ckpt-format torch_dist")
+    assert status == 2, err
+    assert "--ckpt-format torch_dist" in err and "megalite-reshard" in err, err
+    status, err = _dry_run(monkeypatch, capsys, 1, "--seq-length 16 --ckpt-format torch")
+    assert status == 0, err
+
+
+def test_async_save_help_names_the_default_writer():
+    """--async-save's writer (the trainer's `AsyncCheckpointSaver()`) is a thread; the help once
+    promised a forked process per rank."""
+    from megalite.checkpoint.async_save import AsyncCheckpointSaver
+    from megalite.training.arguments import build_parser
+
+    assert AsyncCheckpointSaver().mode == "thread"
+    [action] = [a for a in build_parser()._actions if "--async-save" in a.option_strings]
+    assert "writer thread per rank" in action.help and "fork" not in action.help
+
+
+def test_exit_duration_help_says_where_the_clock_starts():
+    """The budget of --exit-duration-in-mins counts from the ExitWatch the trainer builds first
+    thing (not from the start of the process, as the help said)."""
+    import time
+
+    from megalite.training.arguments import build_parser
+    from megalite.training.exit_signals import ExitConfig, ExitWatch
+
+    before = time.monotonic()
+    watch = ExitWatch(ExitConfig(exit_duration_in_mins=1.0))
+    assert before <= watch.start_time <= time.monotonic()
+    [action] = [a for a in build_parser()._actions if "--exit-duration-in-mins" in a.option_strings]
+    assert "start of the trainer" in action.help and "process" not in action.help

@@ -137,16 +137,25 @@ class CheckpointConfig:
     finetune: bool = option(False, "load weights only; iteration and data restart at 0")
     async_save: bool = option(
         False,
-        "write checkpoints in the background (a forked writer per rank) while training goes "
+        "write checkpoints in the background (a writer thread per rank) while training goes "
         "on; the tracker names a save only once every rank's files are durable",
     )
     ckpt_format: str = option(
         "torch",
-        "accepted: megalite writes its own per-rank format",
+        "torch: megalite's per-rank files; torch_dist is refused (megalite-reshard converts "
+        "a checkpoint to another layout offline)",
         choices=("torch", "torch_dist"),
     )
 
     def __post_init__(self) -> None:
+        if self.ckpt_format == "torch_dist":
+            raise ConfigError(
+                "--ckpt-format torch_dist: megalite does not write Megatron's distributed "
+                "checkpoint, which reloads at any parallel layout; it writes its own per-rank "
+                "files (--ckpt-format torch, the default), which resume at the layout that saved "
+                "them. To resume at another TP/PP layout, convert the checkpoint offline with "
+                "megalite-reshard"
+            )
         if self.save_interval is not None:
             if self.save_interval < 1:
                 raise ConfigError(f"--save-interval {self.save_interval} < 1")
