@@ -331,6 +331,11 @@ class RunConfig:
             if t.rampup_batch_size is not None:
                 raise ConfigError("--rampup-batch-size is not supported with --deepspeed")
             _refuse_ddp_flags_under_deepspeed(p)
+            if self.optimizer.log_num_zeros_in_grad:
+                raise ConfigError(
+                    "--log-num-zeros-in-grad counts the zeros in megalite's own optimizer; "
+                    "DeepSpeed's engine does not report them: drop the flag with --deepspeed"
+                )
         return self
 
     def _check_moe(self, world_size: int) -> None:

@@ -90,6 +90,8 @@ class Engine:
     optimizer_state: Optional[Callable[[], dict]] = None
     optimizer_sharded: bool = False
     empty_unused_memory_level: int = 0
+    # --log-num-zeros-in-grad: zero gradient entries of the last step (None: not counted)
+    num_zeros_in_grad: Optional[int] = None
     device: torch.device
 
     def _empty_cache(self, level: int) -> None:
@@ -180,7 +182,7 @@ class MegaliteEngine(Engine):
         )
         outputs = self._run(micro, num_microbatches, forward_only=False)
         self._empty_cache(1)
-        updated, grad_norm, _ = self.optimizer.step()
+        updated, grad_norm, self.num_zeros_in_grad = self.optimizer.step()
         self._empty_cache(2)
         # Expert-bias update (aux-loss-free balancing) and this step's per-layer MoE metrics.
         self.moe_metrics = moe_training.after_step(

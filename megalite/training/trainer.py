@@ -543,5 +543,7 @@ class Trainer:
             record["global_batch_size"] = gbs
         if self.cfg.optimizer.fp16:
             record["loss_scale"] = self.engine.loss_scale()
+        if self.cfg.optimizer.log_num_zeros_in_grad:
+            record["num_zeros_in_grad"] = self.engine.num_zeros_in_grad
         record.update(moe or {})
         self.reporter.train(record)
