@@ -223,7 +223,8 @@ def test_checkpoint_of_the_previous_format_reshards(tmp_path):
         assert full[name].equal(value), name
 
 
-# Megatron-LM's own example command lines, sizes scaled to a CPU box, fp8 lines removed.
+# Megatron-LM's own example command lines, sizes scaled to a CPU box, fp8 lines removed, and the
+# Llama one's --ckpt-format torch_dist (refused: megalite-reshard converts layouts offline).
 GPT3_175B = """
 --num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 32
 --max-position-embeddings 32 --attention-backend auto
@@ -250,7 +251,7 @@ LLAMA3_8B = """
 --mock-data --tokenizer-type NullTokenizer --vocab-size 256 --tiktoken-pattern v2
 --split '99,1,0' --no-create-attention-mask-in-dataloader --no-mmap-bin-files --num-workers 1
 --log-interval 1 --eval-iters 1 --eval-interval 3 --save-interval 3 --log-throughput
---profile --profile-step-start 2 --profile-step-end 3 --ckpt-format torch_dist
+--profile --profile-step-start 2 --profile-step-end 3
 --distributed-timeout-minutes 60
 """
 

@@ -16,6 +16,7 @@ from megalite.moe import (
     moe_layers,
     update_expert_bias,
 )
+from megalite.moe.router import Router
 from tests.moe_parity import B, E, H, S, gpt_config, make_layer, moe_config
 
 
@@ -60,17 +61,63 @@ def test_capacity_drops_the_right_pairs(policy):
 
     def keep_fn(logits, idx):
         keep = torch.zeros_like(idx, dtype=bool)
-        probs = torch.softmax(logits, -1)
+        applied = torch.softmax(logits.gather(1, idx), -1)  # the weights the layer applies
         for e in range(E):
             rows = [(t, j) for t in range(T) for j in range(k) if idx[t, j] == e]
             if policy == "probs":
-                rows.sort(key=lambda tj: -probs[tj[0], e].item())
+                rows.sort(key=lambda tj: -applied[tj].item())
             for t, j in rows[:capacity]:
                 keep[t, j] = True
         return keep
 
     want, _, _ = _naive(layer, x, keep_fn)
     assert_close(layer(x), want)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"moe_router_topk_scaling_factor": 2.5}, {"moe_router_pre_softmax": True},
+     {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True}],
+)  # fmt: skip
+def test_probs_drop_policy_ranks_by_the_applied_probability(kw):
+    """Megatron's ``probs`` policy: per expert, keep the `capacity` tokens routed to it with the
+    largest routing probability actually applied (after top-k renormalisation and scaling).
+    At E=8, k=2, capacity factor 0.5 and 256 tokens, ranking by the pre-top-k softmax instead
+    keeps a different set of pairs."""
+    num_experts, k, T, h = 8, 2, 256, 16
+    moe = MoEConfig(num_experts=num_experts, moe_router_topk=k, moe_expert_capacity_factor=0.5,
+                    moe_token_drop_policy="probs", moe_aux_loss_coeff=0.0, **kw)  # fmt: skip
+    torch.manual_seed(0)
+    router = Router(moe, h, lambda w: torch.nn.init.normal_(w, std=0.5), torch.float32)
+    if router.expert_bias is not None:
+        router.expert_bias.copy_(torch.linspace(-0.2, 0.2, num_experts))
+    tokens = torch.randn(T, h)
+    experts, weights, keep, _, _ = router(tokens, batch=1)
+
+    # The applied probabilities, from the definitions, independently of the router's code.
+    logits = tokens @ router.weight.t()
+    if moe.moe_router_score_function == "sigmoid":
+        scores = torch.sigmoid(logits)
+        choice = (scores + router.expert_bias).topk(k, -1).indices
+        applied = scores.gather(1, choice)
+        applied = applied / applied.sum(-1, keepdim=True)
+    elif moe.moe_router_pre_softmax:
+        choice = torch.softmax(logits, -1).topk(k, -1).indices
+        applied = torch.softmax(logits, -1).gather(1, choice)
+    else:
+        choice = logits.topk(k, -1).indices
+        applied = torch.softmax(logits.gather(1, choice), -1)
+    applied = applied * (moe.moe_router_topk_scaling_factor or 1.0)
+    assert torch.equal(experts, choice)
+    assert_close(weights, applied)
+    capacity = math.ceil(T * k / num_experts * 0.5)
+    want = torch.zeros(T, k, dtype=torch.bool)
+    for e in range(num_experts):
+        pairs = [(t, j) for t in range(T) for j in range(k) if choice[t, j] == e]
+        pairs.sort(key=lambda tj: -applied[tj].item())
+        for t, j in pairs[:capacity]:
+            want[t, j] = True
+    assert torch.equal(keep, want), f"{(keep != want).sum()} of {T * k} pairs differ"
 
 
 def test_grouped_gemm_equals_the_loop():

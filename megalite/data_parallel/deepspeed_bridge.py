@@ -39,7 +39,11 @@ from typing import Any, Optional, Union
 import torch
 
 from megalite import parallel_state
-from megalite.data_parallel.optimizer import OptimizerConfig, get_param_groups
+from megalite.data_parallel.optimizer import (
+    DECOUPLED_LR_PARAMS,
+    OptimizerConfig,
+    get_param_groups,
+)
 from megalite.errors import UserError
 
 SUPPORTED_LAYOUTS = "pipeline-model-parallel size 1 with any tensor x data parallel layout"
@@ -121,6 +125,27 @@ def deepspeed_config_for(
     return cfg
 
 
+def deepspeed_param_groups(
+    model: torch.nn.Module, weight_decay: float, decoupled_lr: bool = False
+) -> list[dict]:
+    """megalite's weight-decay groups; with `decoupled_lr` the input embedding and the output
+    layer (Megatron's --decoupled-lr parameters) in groups of their own marked
+    ``"decoupled_lr": True``, whose lr the trainer sets to the decoupled schedule each step."""
+    groups = get_param_groups([model], weight_decay)
+    if not decoupled_lr:
+        return groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for group in groups:
+        for flag in (False, True):
+            params = [
+                p for p in group["params"] if names[id(p)].startswith(DECOUPLED_LR_PARAMS) == flag
+            ]
+            if params:
+                out.append({**group, "params": params, "decoupled_lr": flag})
+    return out
+
+
 def _skip_cpu_inference_shm_op() -> None:
     """Keep DeepSpeed (CPU accelerator) from building its inference-only shm all-reduce op."""
     if os.environ.get("MEGALITE_DS_SHM_COMM") == "1":
@@ -165,13 +190,14 @@ def initialize_deepspeed(
     _skip_cpu_inference_shm_op()
     _check_precision(cfg)
     optimizer, groups = None, None
+    oc = optimizer_config or OptimizerConfig()
+    decoupled = oc.decoupled_lr is not None
     if "optimizer" in cfg:
         wd = cfg["optimizer"].get("params", {}).get("weight_decay", 0.0)
-        groups = get_param_groups([model], wd)
+        groups = deepspeed_param_groups(model, wd, decoupled)
     else:
-        oc = optimizer_config or OptimizerConfig()
         optimizer = torch.optim.AdamW(
-            get_param_groups([model], oc.weight_decay),
+            deepspeed_param_groups(model, oc.weight_decay, decoupled),
             lr=oc.lr,
             betas=(oc.adam_beta1, oc.adam_beta2),
             eps=oc.adam_eps,

@@ -93,7 +93,9 @@ class OptimizerConfig:
     min_loss_scale: float = option(1.0, "floor of the dynamic loss scale (fp16)")
     loss_scale_window: int = option(1000, "clean steps before the dynamic scale doubles")
     hysteresis: int = option(2, "overflowing steps tolerated before the scale halves")
-    log_num_zeros_in_grad: bool = option(False, "also count zero gradient entries")
+    log_num_zeros_in_grad: bool = option(
+        False, "count the zero gradient entries of each step; logged as num_zeros_in_grad"
+    )
 
     def __post_init__(self):
         if self.use_distributed_optimizer:

@@ -85,7 +85,8 @@ class MoEConfig:
         None, "tokens an expert takes, as a factor of the even share (None: dropless)"
     )
     moe_token_drop_policy: str = option(
-        "probs", "over capacity, drop the lowest-probability tokens or the last ones",
+        "probs", "over capacity, drop each expert's tokens of lowest applied routing weight "
+        "(probs) or its last ones (position)",
         choices=DROP_POLICIES,
     )  # fmt: skip
     moe_token_dispatcher_type: str = option(

@@ -70,10 +70,12 @@ class MoELayer(nn.Module):
         self.layer_name = prefix.rstrip(".")
         self.tp_size = group_rank_and_size(groups.tp)[1]
         self.split_tokens = self.tp_size > 1 and not c.sequence_parallel
-        if self.split_tokens and c.seq_length % self.tp_size != 0:
+        local = c.seq_length // c.context_parallel_size  # the tokens this layer is given
+        if self.split_tokens and local % self.tp_size != 0:
             raise ValueError(
                 f"an MoE layer at tensor-model-parallel size {self.tp_size} without sequence "
-                f"parallelism splits the sequence: seq_length ({c.seq_length}) must be divisible"
+                f"parallelism splits the local sequence: seq_length ({c.seq_length}) / "
+                f"context-parallel size ({c.context_parallel_size}) must be divisible by it"
             )
         ep_rank, ep = group_rank_and_size(groups.ep)
         etp_rank, etp = group_rank_and_size(groups.etp)

@@ -67,7 +67,7 @@ class Router(nn.Module):
         if moe.moe_router_topk_scaling_factor is not None:
             weights = weights * moe.moe_router_topk_scaling_factor
         routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, experts, True)
-        keep = self._capacity_mask(routing_map, scores, experts, tokens.shape[0])
+        keep = self._capacity_mask(routing_map, weights, experts, tokens.shape[0])
         counts = routing_map.sum(0).float()  # [E], before any drop
         if self.training and torch.is_grad_enabled() and not recomputing():
             self.local_tokens_per_expert += counts.detach()
@@ -77,13 +77,18 @@ class Router(nn.Module):
         )
         return experts, weights.to(tokens.dtype), keep, aux.float(), stats
 
-    def _capacity_mask(self, routing_map, scores, experts, num_tokens) -> Optional[torch.Tensor]:
+    def _capacity_mask(self, routing_map, weights, experts, num_tokens) -> Optional[torch.Tensor]:
+        """``keep [T, k]``: per expert, the first `capacity` tokens routed to it (``position``) or
+        the `capacity` with the largest routing probability actually applied, after top-k
+        renormalisation and scaling (``probs``; Megatron ranks these, not the pre-top-k scores)."""
         cf = self.moe.moe_expert_capacity_factor
         if cf is None:
             return None
         capacity = math.ceil(num_tokens * self.topk / self.num_experts * cf)
         if self.moe.moe_token_drop_policy == "probs":
-            ranked = scores.detach().masked_fill(~routing_map, float("-inf"))
+            applied = torch.zeros_like(routing_map, dtype=weights.dtype)
+            applied.scatter_(1, experts, weights.detach())  # [T, E], 0 where not routed
+            ranked = applied.masked_fill(~routing_map, float("-inf"))
             take = min(capacity, num_tokens)
             top = torch.topk(ranked, take, dim=0).indices  # [take, E]
             kept = torch.zeros_like(routing_map).scatter_(0, top, True) & routing_map

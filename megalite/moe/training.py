@@ -28,8 +28,11 @@ def check_moe_setup(
     deepspeed: bool = False,
     sequence_parallel: bool = False,
     seq_length: Optional[int] = None,
+    num_layers: Optional[int] = None,
+    ffn_hidden_size: Optional[int] = None,
 ) -> None:
-    """Refuse MoE settings the run cannot honour, naming the flags and numbers."""
+    """Refuse MoE settings the run cannot honour, naming the flags and numbers: everything the
+    MoE layers check when they are built or first run is checked here, before any of it."""
     if not moe.enabled:
         for name in ("expert_model_parallel_size", "expert_tensor_parallel_size"):
             if getattr(moe, name) not in (None, 1):
@@ -51,11 +54,36 @@ def check_moe_setup(
         )  # fmt: skip
     except LayoutError as e:
         raise ConfigError(str(e)) from None
-    if tp > 1 and not sequence_parallel and seq_length is not None and seq_length % tp:
+    cp = context_parallel_size
+    if tp > 1 and not sequence_parallel and seq_length is not None and (seq_length // cp) % tp:
+        # The layer splits the tokens it is given, [s / cp, b, h], along the sequence over TP.
+        if cp == 1:
+            raise ConfigError(
+                f"MoE at --tensor-model-parallel-size {tp} without --sequence-parallel splits "
+                f"the sequence over TP: --seq-length ({seq_length}) must be divisible by {tp}"
+            )
         raise ConfigError(
-            f"MoE at --tensor-model-parallel-size {tp} without --sequence-parallel splits the "
-            f"sequence over TP: --seq-length ({seq_length}) must be divisible by {tp}"
+            f"MoE at --tensor-model-parallel-size {tp} without --sequence-parallel splits each "
+            f"context-parallel rank's --seq-length ({seq_length}) / --context-parallel-size "
+            f"({cp}) = {seq_length // cp} tokens over TP: they must be divisible by {tp} "
+            f"(--seq-length a multiple of {cp} x {tp} = {cp * tp})"
         )
+    etp = moe.expert_tensor_parallel(tp)
+    width = moe.moe_ffn_hidden_size or ffn_hidden_size
+    if width is not None and width % etp:
+        what = "--moe-ffn-hidden-size" if moe.moe_ffn_hidden_size else "--ffn-hidden-size"
+        raise ConfigError(
+            f"{what} ({width}) of each expert is not divisible by the expert-tensor-parallel "
+            f"size ({etp}, --expert-tensor-parallel-size or else --tensor-model-parallel-size)"
+        )
+    shared = moe.moe_shared_expert_intermediate_size
+    if shared is not None and shared % tp:
+        raise ConfigError(
+            f"--moe-shared-expert-intermediate-size ({shared}) is not divisible by "
+            f"--tensor-model-parallel-size ({tp}): the shared expert is split over TP"
+        )
+    if num_layers is not None:
+        moe.is_moe_layer(0, num_layers)  # a --moe-layer-freq list must have one entry per layer
 
 
 def before_step(

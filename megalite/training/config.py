@@ -71,11 +71,16 @@ class TrainingConfig:
     calculate_per_token_loss: bool = option(
         False, "loss = sum over tokens / tokens of the global batch (megalite's loss already is)"
     )
-    manual_gc: bool = option(False, "turn Python's automatic GC off; collect every interval")
-    manual_gc_interval: int = option(0, "iterations between collections (0: only at eval/save)")
-    empty_unused_memory_level: int = option(
-        0, "1/2: release cached accelerator memory after steps", choices=(0, 1, 2)
+    manual_gc: bool = option(
+        False, "automatic GC off; collect at start, around eval, after save and every interval"
     )
+    manual_gc_interval: int = option(
+        0, "iterations between --manual-gc collections (0: only at eval/save)"
+    )
+    empty_unused_memory_level: int = option(
+        0, "empty the CUDA cache: 1 after each forward-backward and eval iteration, 2 also after "
+        "each optimizer step", choices=(0, 1, 2),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if (self.train_iters is None) == (self.train_samples is None):
@@ -84,7 +89,7 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        for name in ("train_iters", "train_samples"):
+        for name in ("train_iters", "train_samples", "manual_gc_interval"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
@@ -95,6 +100,29 @@ class TrainingConfig:
                     f"--rampup-batch-size {start} {inc} {samples}: need start >= 1, "
                     "increment >= 1, samples >= 0"
                 )
+
+
+def _refuse_ddp_flags_under_deepspeed(p: ParallelConfig) -> None:
+    """megalite's DDP flags do nothing under DeepSpeed's engine (it reduces gradients itself):
+    name each one given and the DeepSpeed config key that does its job."""
+    given = []
+    if p.grad_reduce_in_bf16:
+        given.append('--grad-reduce-in-bf16 (DeepSpeed: "communication_data_type": "bf16")')
+    if p.overlap_grad_reduce:
+        given.append(
+            '--overlap-grad-reduce (DeepSpeed: "zero_optimization": {"overlap_comm": true})'
+        )
+    if p.ddp_bucket_size is not None:
+        given.append(
+            f"--ddp-bucket-size {p.ddp_bucket_size} (DeepSpeed: "
+            f'"zero_optimization": {{"reduce_bucket_size": {p.ddp_bucket_size}}})'
+        )
+    if given:
+        raise ConfigError(
+            f"with --deepspeed, DeepSpeed's engine reduces the gradients and megalite's DDP flags "
+            f"would be ignored: drop {'; '.join(given)} and set the key in --deepspeed_config "
+            f"{p.deepspeed_config} instead"
+        )
 
 
 @dataclass
@@ -114,11 +142,20 @@ class CheckpointConfig:
     )
     ckpt_format: str = option(
         "torch",
-        "accepted: megalite writes its own per-rank format",
+        "torch: megalite's per-rank files; torch_dist is refused (megalite-reshard converts "
+        "a checkpoint to another layout offline)",
         choices=("torch", "torch_dist"),
     )
 
     def __post_init__(self) -> None:
+        if self.ckpt_format == "torch_dist":
+            raise ConfigError(
+                "--ckpt-format torch_dist: megalite does not write Megatron's distributed "
+                "checkpoint, which reloads at any parallel layout; it writes its own per-rank "
+                "files (--ckpt-format torch, the default), which resume at the layout that saved "
+                "them. To resume at another TP/PP layout, convert the checkpoint offline with "
+                "megalite-reshard"
+            )
         if self.save_interval is not None:
             if self.save_interval < 1:
                 raise ConfigError(f"--save-interval {self.save_interval} < 1")
@@ -293,6 +330,12 @@ class RunConfig:
                 )
             if t.rampup_batch_size is not None:
                 raise ConfigError("--rampup-batch-size is not supported with --deepspeed")
+            _refuse_ddp_flags_under_deepspeed(p)
+            if self.optimizer.log_num_zeros_in_grad:
+                raise ConfigError(
+                    "--log-num-zeros-in-grad counts the zeros in megalite's own optimizer; "
+                    "DeepSpeed's engine does not report them: drop the flag with --deepspeed"
+                )
         return self
 
     def _check_moe(self, world_size: int) -> None:
@@ -304,6 +347,7 @@ class RunConfig:
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
             context_parallel_size=p.context_parallel_size, deepspeed=p.deepspeed,
             sequence_parallel=p.sequence_parallel, seq_length=self.model.seq_length,
+            num_layers=self.model.num_layers, ffn_hidden_size=self.model.ffn_hidden_size,
         )  # fmt: skip
 
     def _batch_sizes(self) -> list[tuple[int, str]]:

@@ -26,6 +26,7 @@ from megalite.data_parallel import (
 from megalite.model.gpt import pipeline_tensor_shape
 from megalite.moe import training as moe_training
 from megalite.pipeline_parallel import get_forward_backward_func
+from megalite.training import memory
 from megalite.training.config import RunConfig
 
 StepResult = tuple[Optional[float], bool, Optional[float]]
@@ -88,6 +89,16 @@ class Engine:
 
     optimizer_state: Optional[Callable[[], dict]] = None
     optimizer_sharded: bool = False
+    empty_unused_memory_level: int = 0
+    # --log-num-zeros-in-grad: zero gradient entries of the last step (None: not counted)
+    num_zeros_in_grad: Optional[int] = None
+    device: torch.device
+
+    def _empty_cache(self, level: int) -> None:
+        """--empty-unused-memory-level: at a point of `level` (1: after a forward-backward or an
+        eval iteration; 2: also after the optimizer step) hand cached device memory back."""
+        if self.empty_unused_memory_level >= level:
+            memory.release_cached_memory(self.device)
 
     def load_optimizer_state(self, state: dict) -> None:
         raise NotImplementedError
@@ -139,6 +150,7 @@ class MegaliteEngine(Engine):
         self.dtype = cfg.optimizer.params_dtype
         self.device = device
         self.dp = ps.get_data_parallel_world_size(with_context_parallel=True)
+        self.empty_unused_memory_level = cfg.training.empty_unused_memory_level
 
     def _run(self, micro: list, num_microbatches: int, forward_only: bool) -> list[dict]:
         extra: dict[str, Any] = {}
@@ -173,7 +185,9 @@ class MegaliteEngine(Engine):
             ps.get_context_parallel_world_size(),
         )
         outputs = self._run(micro, num_microbatches, forward_only=False)
-        updated, grad_norm, _ = self.optimizer.step()
+        self._empty_cache(1)
+        updated, grad_norm, self.num_zeros_in_grad = self.optimizer.step()
+        self._empty_cache(2)
         # Expert-bias update (aux-loss-free balancing) and this step's per-layer MoE metrics.
         self.moe_metrics = moe_training.after_step(
             self.chunks,
@@ -186,6 +200,7 @@ class MegaliteEngine(Engine):
 
     def eval_step(self, micro: list, num_microbatches: int) -> Optional[float]:
         outputs = self._run(micro, num_microbatches, forward_only=True)
+        self._empty_cache(1)
         moe_training.reset_metrics(self.chunks)  # eval tokens are not part of the step's load
         return mean_loss(outputs, self.device, self.dp_group, self.dp)
 
@@ -220,18 +235,23 @@ class DeepSpeedEngine(Engine):
         self.engine = initialize_deepspeed(chunks[0], ds_config, o)
         self.chunks = chunks
         self.device, self.dp = device, ps.get_data_parallel_world_size()
+        self.empty_unused_memory_level = t.empty_unused_memory_level
 
     def set_lr(self, lr: float, decoupled_lr: Optional[float]) -> None:
+        # the --decoupled-lr groups (embedding, output layer) are marked by deepspeed_bridge
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = decoupled_lr if group.get("decoupled_lr") else lr
 
     def train_step(self, micro: list, num_microbatches: int) -> StepResult:
         outputs = []
-        for batch in micro[0]:
+        for i, batch in enumerate(micro[0]):
             loss = self.engine(batch["tokens"], batch["labels"]).float().mean()
             self.engine.backward(loss)
+            if i == num_microbatches - 1:  # DeepSpeed's step() at the boundary is the update
+                self._empty_cache(1)
             self.engine.step()
             outputs.append({"lm_loss": loss.detach()})
+        self._empty_cache(2)
         norm = self.engine.get_global_grad_norm()
         norm = None if norm is None else float(norm)
         loss = mean_loss(outputs, self.device, ps.get_data_parallel_group(), self.dp)
@@ -251,6 +271,7 @@ class DeepSpeedEngine(Engine):
         outputs = [
             {"lm_loss": self.engine(b["tokens"], b["labels"]).float().mean()} for b in micro[0]
         ]
+        self._empty_cache(1)
         return mean_loss(outputs, self.device, ps.get_data_parallel_group(), self.dp)
 
 

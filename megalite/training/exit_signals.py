@@ -52,7 +52,8 @@ class ExitConfig:
     exit_duration_in_mins: Optional[float] = option(
         None,
         "save (when --save is set) and exit 0 once the run has used this many minutes of "
-        "wall-clock time, counted from the start of this process",
+        "wall-clock time, counted from the start of the trainer (before the model is built "
+        "or loaded)",
     )
 
     def __post_init__(self):

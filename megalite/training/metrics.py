@@ -99,6 +99,8 @@ class Reporter:
         ]
         if "loss_scale" in record:
             parts.append(f"loss scale {record['loss_scale']:.1f}")
+        if "num_zeros_in_grad" in record:  # --log-num-zeros-in-grad
+            parts.append(f"num zeros {fmt('num_zeros_in_grad', 'd')}")
         parts += [
             f"skipped {record.get('skipped_iterations', 0)}",
             f"step {record['step_time_s'] * 1000:.1f} ms",
@@ -116,6 +118,7 @@ class Reporter:
                 "lm_loss",
                 "lr",
                 "grad_norm",
+                "num_zeros_in_grad",
                 "tokens_per_sec",
                 "loss_scale",
                 "tflops_per_device",

@@ -7,7 +7,6 @@ global batch through the engine, then logging, evaluation and checkpoints.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import random
@@ -32,6 +31,7 @@ from megalite.training.config import RunConfig
 from megalite.training.data import MockGPTDataset, microbatch_iterator
 from megalite.training.engine import Engine, build_engine
 from megalite.training.exit_signals import ExitWatch
+from megalite.training.memory import ManualGC
 from megalite.training.metrics import Reporter, device_peak_tflops
 
 
@@ -175,8 +175,7 @@ class Trainer:
         )
         self.saver = AsyncCheckpointSaver() if cfg.checkpoint.async_save else None
         self.peak = device_peak_tflops(log.peak_tflops)
-        if cfg.training.manual_gc:
-            gc.disable()  # Megatron's --manual-gc: no collection pauses at random steps
+        self.manual_gc = ManualGC(cfg.training.manual_gc, cfg.training.manual_gc_interval)
 
     def _say(self, message: str) -> None:
         if self.rank == 0:
@@ -322,6 +321,7 @@ class Trainer:
                 expert_state=self._expert_state if self._experts_split_over_dp() else None,
                 **common,
             )  # fmt: skip
+        self.manual_gc.after_save()
         if self.saver:
             self._say(f"saving checkpoint at iteration {self.iteration} to {root} {how}")
         else:
@@ -371,6 +371,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
         cfg = self.cfg
+        self.manual_gc.before_eval()
         self.engine.train(False)
         gbs = cfg.training.global_batch_size
         losses = []
@@ -381,12 +382,13 @@ class Trainer:
             )
             self.consumed_valid += gbs
         self.engine.train(True)
+        self.manual_gc.after_eval()
         return sum(losses) / len(losses) if self.last_stage else None
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self) -> None:
         """The loop, with the exit-signal handler installed for its duration (main thread)."""
-        with self.exit_watch:
+        with self.exit_watch, self.manual_gc:
             try:
                 self._train()
             finally:
@@ -434,7 +436,7 @@ class Trainer:
                     f"loss or gradient is NaN/inf at iteration {self.iteration} "
                     f"(grad norm {grad_norm}); stopping. Last checkpoint is untouched."
                 )
-            self._housekeeping()
+            self.manual_gc.after_iteration(self.iteration)
             if self.iteration % log.log_interval == 0 or self.iteration == last:
                 self._log(loss, lr, grad_norm, skipped, step_time, gbs, self._moe_metrics())
             if (
@@ -471,14 +473,6 @@ class Trainer:
                 f"{start_iteration + 1}..{self.iteration}",
                 flush=True,
             )
-
-    def _housekeeping(self) -> None:
-        """--manual-gc and --empty-unused-memory-level, between iterations."""
-        t = self.cfg.training
-        if t.manual_gc and t.manual_gc_interval and self.iteration % t.manual_gc_interval == 0:
-            gc.collect()
-        if t.empty_unused_memory_level and torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def _profile(self, profiler):
         """--profile: a PyTorch profiler trace of iterations [start, end) on --profile-ranks,
@@ -550,5 +544,7 @@ class Trainer:
             record["global_batch_size"] = gbs
         if self.cfg.optimizer.fp16:
             record["loss_scale"] = self.engine.loss_scale()
+        if self.cfg.optimizer.log_num_zeros_in_grad:
+            record["num_zeros_in_grad"] = self.engine.num_zeros_in_grad
         record.update(moe or {})
         self.reporter.train(record)
