@@ -23,19 +23,32 @@ def _pretrain(argv: list[str]) -> int:
     return pretrain(argv)
 
 
-def test_num_zeros_in_grad_is_logged(tmp_path, capfd):
+def _pretrain_printing(argv: list[str]) -> tuple[int, str]:
+    """`pretrain(argv)` in the pool worker with its stdout caught there: the worker's file
+    descriptors belong to whichever test spawned the pool, so capfd here cannot see them."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = _pretrain(argv)
+    return status, out.getvalue()
+
+
+def test_num_zeros_in_grad_is_logged(tmp_path):
     """4 sequences of 16 tokens use at most 64 of the 128 embedding rows: the other rows'
     gradient is exactly zero, so each step counts at least 64 x 32 zeros (and fewer zeros than
     parameters)."""
     metrics = tmp_path / "m.jsonl"
     argv = TINY + ["--log-num-zeros-in-grad", "--metrics-file", str(metrics)]
-    assert run_distributed(1, _pretrain, argv) == [0]
+    [(status, printed)] = run_distributed(1, _pretrain_printing, argv)
+    assert status == 0
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]
     for r in rows:
         assert isinstance(r["num_zeros_in_grad"], int)
         assert 64 * 32 <= r["num_zeros_in_grad"] < 128 * 32 * 2
-    assert f"num zeros {rows[-1]['num_zeros_in_grad']}" in capfd.readouterr().out
+    assert f"num zeros {rows[-1]['num_zeros_in_grad']}" in printed
 
 
 def test_num_zeros_in_grad_is_refused_under_deepspeed(tmp_path, capsys):
