@@ -13,6 +13,7 @@ import torch
 from torch.testing import assert_close
 
 from tests.harness import run_distributed
+from tests.test_long_runs import _ds_flags
 
 pytest.importorskip("deepspeed")
 
@@ -25,15 +26,6 @@ TINY = (
 ).split()
 MAIN_LRS = [1e-3, 1e-3 * 2 / 3, 1e-3 / 3]  # linear decay over 3 iterations, no warm-up
 DECOUPLED_LRS = [5e-2, 1e-2 + 4e-2 * 2 / 3, 1e-2 + 4e-2 / 3]
-
-
-def _ds_config(tmp_path: Path, stage: int) -> list[str]:
-    zero: dict = {"stage": stage}
-    if stage == 3:
-        zero["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / f"ds{stage}.json"
-    path.write_text(json.dumps({"zero_optimization": zero, "steps_per_print": 10**9}))
-    return ["--deepspeed", "--deepspeed_config", str(path)]
 
 
 def _run_recording_lrs(argv: list[str]) -> tuple[int, list]:
@@ -96,7 +88,7 @@ def test_decoupled_lr_reaches_the_embedding_and_output_groups_under_deepspeed(tm
     --decoupled-lr schedule and the others the --lr one, and the loss curve is megalite's own
     engine's (ZeRO-1, which honours --decoupled-lr) to fp32 round-off."""
     ds_metrics, own_metrics = tmp_path / "ds.jsonl", tmp_path / "own.jsonl"
-    argv = TINY + _ds_config(tmp_path, stage) + ["--metrics-file", str(ds_metrics)]
+    argv = TINY + _ds_flags(tmp_path, stage) + ["--metrics-file", str(ds_metrics)]
     results = run_distributed(2, _run_recording_lrs, argv, timeout=300)
     assert [status for status, _ in results] == [0, 0]
     for _, seen in results:
@@ -123,7 +115,7 @@ def test_decoupled_lr_reaches_the_embedding_and_output_groups_under_deepspeed(tm
 def test_ddp_flags_are_refused_under_deepspeed(tmp_path, capsys, flags, message):
     from megalite.pretrain import pretrain
 
-    argv = TINY + _ds_config(tmp_path, 1) + flags + ["--dry-run"]
+    argv = TINY + _ds_flags(tmp_path, 1) + flags + ["--dry-run"]
     assert pretrain(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "with --deepspeed" in err, err
